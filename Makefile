@@ -1,0 +1,40 @@
+# Two commands: `make demo` (prepare, train, chat) and `make test` (the suite CI runs).
+# Both use the active virtual environment, or create .venv when none is active.
+PYTHON ?= python3
+ifdef VIRTUAL_ENV
+PY := $(VIRTUAL_ENV)/bin/python
+else
+PY := $(CURDIR)/.venv/bin/python
+endif
+DATA ?= data/guppy
+RUN ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test install venv bench-step clean
+
+venv:
+	@test -x "$(PY)" || $(PYTHON) -m venv .venv
+
+install: venv
+	$(PY) -m pip install -q -e .
+
+demo: install
+	@test -f $(DATA)/meta.json || $(PY) -m guppy prepare --out $(DATA)
+	@preset=$$($(PY) -c "import torch; print('guppy-9m' if torch.cuda.is_available() else 'cpu-demo')"); \
+	if [ -f $(RUN)/latest.json ]; then echo "$(RUN) already trained; chatting with it (remove it to retrain)"; \
+	else $(PY) -m guppy train --data $(DATA) --out $(RUN) --preset $$preset; fi
+	$(PY) -m guppy chat --checkpoint $(RUN) --seed 0 \
+		--prompt "hi guppy" --prompt "what do you like to eat?" --prompt "are you lonely?" \
+		--prompt "what is the meaning of life?"
+
+test: venv
+	$(PY) -m pip install -q -e ".[test]"
+	@$(PY) -m pytest tests -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests, which counts as a failure"; exit 1; fi; \
+	exit $$rc
+
+bench-step: install
+	$(PY) -m bench step
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

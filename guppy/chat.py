@@ -1,0 +1,112 @@
+"""Talking to a trained guppy: one-shot replies, a REPL, and the held-out evaluation (loss + keyword hit rate)."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .checkpoint import load_model
+from .data import IM_END_ID, load_split, eval_batches, load_tokenizer, prompt_text, read_jsonl
+from .errors import GuppyError
+
+
+def find_tokenizer(checkpoint: str, explicit: str | None = None) -> str:
+    """--tokenizer, else tokenizer.json in the checkpoint folder or the run folders above it."""
+    if explicit:
+        return explicit
+    d = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
+    for _ in range(3):
+        p = os.path.join(d, "tokenizer.json")
+        if os.path.isfile(p):
+            return p
+        d = os.path.dirname(os.path.abspath(d))
+    raise GuppyError(f"{checkpoint}: no tokenizer.json beside this checkpoint; pass --tokenizer PATH")
+
+
+class Chat:
+    def __init__(self, checkpoint: str, device="cpu", tokenizer: str | None = None, temperature=0.7, top_k=50,
+                 top_p=0.9, max_new_tokens=64, seed: int | None = None):
+        self.device = torch.device(device)
+        self.model, self.checkpoint = load_model(checkpoint, device=self.device, ops="reference")
+        self.model.eval()
+        self.tok = load_tokenizer(find_tokenizer(checkpoint, tokenizer))
+        self.temperature, self.top_k, self.top_p, self.max_new_tokens = temperature, top_k, top_p, max_new_tokens
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # the prompt may use what is left of the context after room for a reply
+        self.max_prompt = self.model.config.max_seq_len - min(max_new_tokens, self.model.config.max_seq_len // 2)
+
+    def encode_prompt(self, text: str) -> tuple[list[int], bool]:
+        """Token ids of the ChatML prompt; (ids, truncated). Too long a prompt loses its oldest tokens."""
+        ids = self.tok.encode(prompt_text(text), add_special_tokens=False).ids
+        if len(ids) > self.max_prompt:
+            return ids[-self.max_prompt:], True
+        return ids, False
+
+    def reply(self, text: str, use_cache: bool = True) -> str:
+        text = text.strip()
+        if not text:
+            return ""
+        ids, _ = self.encode_prompt(text)
+        idx = torch.tensor([ids], device=self.device)
+        out = self.model.generate(idx, self.max_new_tokens, self.temperature, self.top_k, self.top_p,
+                                  stop_id=IM_END_ID, use_cache=use_cache, generator=self.generator)
+        new = out[0, len(ids):].tolist()
+        if IM_END_ID in new:
+            new = new[:new.index(IM_END_ID)]
+        return self.tok.decode(new).strip()
+
+    def repl(self, input_fn=input, print_fn=print):
+        print_fn("chatting with guppy (empty line to skip, Ctrl-D or /quit to leave)")
+        while True:
+            try:
+                text = input_fn("you> ")
+            except (EOFError, KeyboardInterrupt):
+                print_fn("")
+                return
+            if text.strip() in ("/quit", "/exit"):
+                return
+            if not text.strip():
+                continue
+            _, truncated = self.encode_prompt(text)
+            if truncated:
+                print_fn(f"(note: your message is longer than the context; only its last {self.max_prompt} tokens "
+                         "are used)")
+            print_fn(f"guppy> {self.reply(text)}")
+
+
+def evaluate_checkpoint(checkpoint: str, data_dir: str, device="cpu", batch_size=32, per_category=2, seed=0,
+                        log=print) -> dict:
+    """Held-out loss on eval split, and the keyword hit rate of replies to held-out prompts of each category."""
+    from .train import evaluate
+
+    chat = Chat(checkpoint, device=device, temperature=0.0, seed=seed)
+    split = load_split(data_dir, "eval")
+    loss = evaluate(chat.model, eval_batches(split, batch_size, chat.model.config.max_seq_len), chat.device)
+    result = {"checkpoint": chat.checkpoint, "eval_loss": loss, "eval_conversations": len(split)}
+
+    meta_path = os.path.join(data_dir, "meta.json")
+    keywords = {}
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            keywords = json.load(f).get("category_keywords", {})
+    if not keywords:
+        log("note: this dataset has no category keywords (not made from a persona); skipping the keyword score")
+        return result
+    rows = read_jsonl(os.path.join(data_dir, "eval.jsonl"))
+    picked, per = [], {}
+    for r in rows:  # held-out prompts: these (input, output) pairs are absent from train
+        if r["category"] in keywords and per.get(r["category"], 0) < per_category:
+            per[r["category"]] = per.get(r["category"], 0) + 1
+            picked.append(r)
+    hits, samples = 0, []
+    for r in picked:
+        reply = chat.reply(r["input"]).lower()
+        hit = any(k.lower() in reply for k in keywords[r["category"]])
+        hits += hit
+        if len(samples) < 10:
+            samples.append({"prompt": r["input"], "reply": reply, "category": r["category"], "hit": hit})
+    result.update(keyword_hit_rate=hits / max(1, len(picked)), keyword_prompts=len(picked), samples=samples)
+    return result

@@ -1,0 +1,187 @@
+"""The `guppy` command: prepare, train, chat, eval, info, targets, build-ext.
+
+Mistakes a user can fix (a missing folder, a malformed persona, an unknown preset, no CUDA) print one line and exit 2,
+without a traceback. Ctrl-C during training saves a checkpoint first, then exits 130.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import GuppyError
+
+
+def cmd_prepare(a):
+    from .data import prepare
+    prepare(a.out, samples=a.samples, persona_path=a.persona, seed=a.seed, eval_fraction=a.eval_fraction,
+            from_jsonl=a.from_jsonl, vocab_size=a.vocab_size, force=a.force)
+
+
+def cmd_train(a):
+    from .config import preset
+    from .train import train
+    model_cfg, cfg = preset(a.preset)
+    overrides = {k: getattr(a, k) for k in ("max_steps", "batch_size", "lr", "batch_mode", "loss_on", "eval_every",
+                                            "save_every", "log_every", "seed") if getattr(a, k) is not None}
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    if a.decay_all:
+        cfg.decay_all = True
+    if a.compile:
+        cfg.compile = True
+    if a.ops:
+        model_cfg.ops = a.ops
+        from .ops import get_ops
+        try:
+            get_ops(a.ops)
+        except ImportError as e:
+            raise GuppyError(f"--ops {a.ops} is not available here: {e}") from None
+    if cfg.batch_mode not in ("pad", "packed"):
+        raise GuppyError(f"--batch-mode must be pad or packed, got {cfg.batch_mode!r}")
+    try:
+        train(a.data, a.out, model_cfg, cfg, device=a.device, resume=a.resume, stop_at_step=a.stop_at_step,
+              progress=not a.quiet)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def cmd_chat(a):
+    from .chat import Chat
+    from .train import resolve_device
+    chat = Chat(a.checkpoint, device=resolve_device(a.device), tokenizer=a.tokenizer, temperature=a.temperature,
+                top_k=a.top_k, top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed)
+    if a.prompt is not None:
+        for text in a.prompt:
+            if not text.strip():
+                print("(empty prompt: nothing to answer)")
+                continue
+            _, truncated = chat.encode_prompt(text)
+            if truncated:
+                print(f"(note: prompt truncated to its last {chat.max_prompt} tokens)", file=sys.stderr)
+            print(f"you> {text}\nguppy> {chat.reply(text)}" if len(a.prompt) > 1 else chat.reply(text))
+    else:
+        chat.repl()
+
+
+def cmd_eval(a):
+    from .chat import evaluate_checkpoint
+    from .train import resolve_device
+    r = evaluate_checkpoint(a.checkpoint, a.data, device=resolve_device(a.device))
+    print(f"held-out loss: {r['eval_loss']:.4f} over {r['eval_conversations']} conversations")
+    if "keyword_hit_rate" in r:
+        print(f"keyword hit rate: {r['keyword_hit_rate']:.1%} over {r['keyword_prompts']} held-out prompts")
+        for s in r["samples"][:5]:
+            print(f"  [{s['category']}] {s['prompt']!r} -> {s['reply']!r}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=2)
+
+
+def cmd_info(a):
+    from .info import info
+    print(info())
+
+
+def cmd_targets(a):
+    from . import targets
+    sys.exit(targets.main(a.rest))
+
+
+def cmd_build_ext(a):
+    try:
+        from . import csrc
+        build = csrc.build
+    except (ImportError, AttributeError) as e:
+        raise GuppyError(f"the CUDA C++ extension is not part of this install ({e})") from None
+    build(device=a.device, verbose=a.verbose)
+
+
+def build_parser():
+    from .config import PRESETS
+    p = argparse.ArgumentParser(prog="guppy", description="A tiny fish-persona language model, and its kernels.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="generate (or import) the dataset, train the tokenizer, write token arrays")
+    s.add_argument("--out", required=True, help="data folder to write")
+    s.add_argument("--samples", type=int, default=60_000)
+    s.add_argument("--persona", help="persona TOML file (default: the shipped fish)")
+    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--eval-fraction", type=float, default=0.05)
+    s.add_argument("--from-jsonl", help="use an existing {input, output, category} .jsonl dataset instead")
+    s.add_argument("--vocab-size", type=int, default=4096)
+    s.add_argument("--force", action="store_true", help="replace a dataset already in --out")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="train a model on a prepared data folder")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True, help="run folder for checkpoints and metrics.jsonl")
+    s.add_argument("--preset", default="guppy-9m", help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    s.add_argument("--max-steps", type=int)
+    s.add_argument("--stop-at-step", type=int, help="save and stop at this step, keeping the max-steps schedule")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--batch-mode", choices=["pad", "packed"])
+    s.add_argument("--loss-on", choices=["all", "assistant"])
+    s.add_argument("--ops", help="op implementations: reference, sdpa, triton, csrc, auto")
+    s.add_argument("--eval-every", type=int)
+    s.add_argument("--save-every", type=int)
+    s.add_argument("--log-every", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--decay-all", action="store_true", help="GuppyLM's weight decay on every parameter")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("chat", help="talk to a trained guppy (REPL, or one shot with --prompt)")
+    s.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder, or GuppyLM .pt file")
+    s.add_argument("--prompt", action="append", help="answer this and exit (repeatable)")
+    s.add_argument("--tokenizer", help="tokenizer.json (default: found beside the checkpoint)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--top-p", type=float, default=0.9)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--seed", type=int)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("eval", help="held-out loss and keyword hit rate of a checkpoint")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", help="also write the result here")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("info", help="versions, device, and which op implementations are available")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("targets", help="cross-compile every kernel for sm_75/80/90 and check it fits",
+                       add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_targets)
+
+    s = sub.add_parser("build-ext", help="build the CUDA C++ extension ahead of time")
+    s.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu builds the host emulation")
+    s.add_argument("--verbose", action="store_true")
+    s.set_defaults(func=cmd_build_ext)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except GuppyError as e:
+        print(f"guppy {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as e:  # PersonaError and config errors are ValueErrors with one-line messages
+        if type(e).__name__ != "PersonaError" and "unknown preset" not in str(e):
+            raise
+        print(f"guppy {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Configuration: the model's shape, the training recipe, and the named presets that pair them.
+
+`ModelConfig()` is GuppyLM's architecture exactly (8,726,016 parameters). `TrainConfig()` is GuppyLM's recipe.
+Presets are plain dicts of overrides so that a reader sees in one place what each preset changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    max_seq_len: int = 128
+    d_model: int = 384
+    n_layers: int = 6
+    n_heads: int = 6
+    ffn_hidden: int = 768
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-5
+    # Which implementation of LayerNorm / attention / cross-entropy the model calls (see guppy/ops.py).
+    # Not part of the architecture: a checkpoint trained with one set of ops loads with any other.
+    ops: str = "reference"
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    max_steps: int = 10_000
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    decay_all: bool = False          # GuppyLM decays every parameter; guppy's default skips norms, biases, embeddings
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    batch_mode: str = "pad"          # "pad" (GuppyLM's) or "packed"
+    loss_on: str = "all"             # "all" tokens of the conversation, or "assistant" tokens only
+    eval_every: int = 200
+    eval_batches: int = 50           # 0 = the whole held-out set
+    log_every: int = 10              # host syncs for metrics happen only this often
+    save_every: int = 1000           # latest checkpoint; best-by-eval is saved at every eval that improves
+    seed: int = 1337
+    compile: bool = False
+    fused_adamw: bool = False        # torch's fused AdamW kernel (CUDA only)
+    cuda_graphs: bool = False        # capture the whole training step (packed mode, CUDA only)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+# name -> (model overrides, train overrides)
+PRESETS: dict[str, tuple[dict, dict]] = {
+    # GuppyLM's recipe, unchanged: batch 32, 10,000 steps, lr 3e-4 -> 3e-5, 200 warm-up, pad batches.
+    "guppy-9m": ({}, {}),
+    # Small enough to train on 2 CPU cores in a few minutes and still answer in character.
+    "cpu-demo": (
+        dict(d_model=128, n_layers=3, n_heads=4, ffn_hidden=512, dropout=0.0),
+        dict(batch_size=32, max_steps=1200, lr=2e-3, min_lr=2e-4, warmup_steps=50, batch_mode="packed",
+             eval_every=200, eval_batches=8, save_every=400),
+    ),
+    # For tests: seconds on a CPU.
+    "tiny": (
+        dict(d_model=64, n_layers=2, n_heads=2, ffn_hidden=128, dropout=0.0, max_seq_len=64),
+        dict(batch_size=8, max_steps=30, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=10, eval_batches=2,
+             save_every=10, log_every=5),
+    ),
+}
+
+
+def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    model_over, train_over = PRESETS[name]
+    return ModelConfig(**model_over), TrainConfig(**train_over)

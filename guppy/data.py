@@ -1,0 +1,393 @@
+"""Data: the persona dataset on disk, the ChatML tokenizer, token arrays, and the two ways of batching them.
+
+`prepare()` writes, into one folder:
+    train.jsonl, eval.jsonl     GuppyLM's dataset format: {"input", "output", "category"} per line
+    tokenizer.json              byte-level BPE (HF tokenizers), <pad>=0 <|im_start|>=1 <|im_end|>=2
+    {split}.tokens.npy          every conversation's token ids, concatenated (uint16)
+    {split}.offsets.npy         conversation c is tokens[offsets[c]:offsets[c+1]] (int64)
+    {split}.prompt_len.npy      how many of its tokens are the user turn (for assistant-only loss)
+    meta.json                   counts, unique-reply fraction, per-category keywords, seed
+Training reads only the arrays: it never re-tokenizes.
+
+A conversation is `<|im_start|>user\\n{input}<|im_end|>\\n<|im_start|>assistant\\n{output}<|im_end|>`; the model learns
+to predict each next token. Batches come in two modes:
+    pad     GuppyLM's: a batch of conversations padded to its longest; pads carry no loss.
+    packed  fixed (B, max_seq_len) rows filled with whole conversations. Segment ids keep conversations from attending
+            to each other, positions restart at 0 for each one, and only real tokens carry loss. No padding waste.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import GuppyError
+
+PAD, IM_START, IM_END = "<pad>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [PAD, IM_START, IM_END]
+PAD_ID, IM_START_ID, IM_END_ID = 0, 1, 2
+IGNORE = -100  # target id that carries no loss (F.cross_entropy's default ignore_index)
+DATA_FILES = ("train.jsonl", "eval.jsonl", "tokenizer.json", "meta.json")
+
+
+def prompt_text(user: str) -> str:
+    """The user turn and the opening of the assistant turn: what the model sees before it answers."""
+    return f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
+
+
+def reply_text(assistant: str) -> str:
+    return f"{assistant}{IM_END}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# jsonl
+# --------------------------------------------------------------------------------------------------------------------
+def read_jsonl(path: str) -> list[dict]:
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise GuppyError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("input"), str) \
+                        or not isinstance(row.get("output"), str):
+                    raise GuppyError(f"{path}: line {n}: expected an object with string fields \"input\" and \"output\"")
+                rows.append({"input": row["input"], "output": row["output"],
+                             "category": str(row.get("category", "unknown"))})
+    except FileNotFoundError:
+        raise GuppyError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise GuppyError(f"{path}: is a folder, expected a .jsonl file") from None
+    if not rows:
+        raise GuppyError(f"{path}: no conversations in it")
+    return rows
+
+
+def write_jsonl(path: str, rows: list[dict]):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------------------------
+def train_tokenizer(texts, vocab_size: int = 4096):
+    """Byte-level BPE with the three special tokens at ids 0, 1, 2. Every byte is in the alphabet, so nothing is UNK."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str):
+    from tokenizers import Tokenizer
+
+    if not os.path.isfile(path):
+        raise GuppyError(f"{path}: no tokenizer there (run `guppy prepare` first)")
+    tok = Tokenizer.from_file(path)
+    for i, name in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(name) != i:
+            raise GuppyError(f"{path}: special token {name} must have id {i}, has {tok.token_to_id(name)}")
+    return tok
+
+
+def encode_conversations(tok, rows: list[dict]):
+    """-> (tokens uint16, offsets int64 (n+1,), prompt_len int32 (n,)). Prompt and reply are encoded separately,
+    exactly as chat encodes a prompt and then generates, so training and inference see the same token boundaries."""
+    prompts = tok.encode_batch([prompt_text(r["input"]) for r in rows], add_special_tokens=False)
+    replies = tok.encode_batch([reply_text(r["output"]) for r in rows], add_special_tokens=False)
+    ids = [p.ids + r.ids for p, r in zip(prompts, replies)]
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.fromiter((t for x in ids for t in x), dtype=np.uint16, count=int(offsets[-1]))
+    prompt_len = np.fromiter((len(p.ids) for p in prompts), dtype=np.int32, count=len(ids))
+    return tokens, offsets, prompt_len
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------------------------------------
+def split_jsonl(rows: list[dict], eval_fraction: float, seed: int):
+    """Split an existing dataset so that no eval (input, output) pair also occurs in train."""
+    rng = np.random.default_rng(seed)
+    pairs = sorted({(r["input"], r["output"]) for r in rows})
+    order = rng.permutation(len(pairs))
+    n_eval = max(1, round(len(pairs) * eval_fraction)) if eval_fraction > 0 else 0
+    eval_pairs = {pairs[i] for i in order[:n_eval]}
+    train = [r for r in rows if (r["input"], r["output"]) not in eval_pairs]
+    seen, evals = set(), []
+    for r in rows:  # one copy of each held-out pair
+        key = (r["input"], r["output"])
+        if key in eval_pairs and key not in seen:
+            seen.add(key)
+            evals.append(r)
+    return train, evals
+
+
+def unique_reply_fraction(rows: list[dict]) -> float:
+    return len({r["output"] for r in rows}) / max(1, len(rows))
+
+
+def prepare(out_dir: str, samples: int = 60_000, persona_path=None, seed: int = 1337, eval_fraction: float = 0.05,
+            from_jsonl: str | None = None, vocab_size: int = 4096, force: bool = False, log=print) -> dict:
+    """Write the dataset, tokenizer and token arrays into out_dir. Returns meta.json's contents.
+
+    Everything is written into a temporary folder beside out_dir and moved into place at the end, so a failure
+    leaves an existing dataset untouched; an existing dataset is only replaced with force=True.
+    """
+    from . import persona as persona_lib
+
+    if not 0.0 <= eval_fraction < 1.0:
+        raise GuppyError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
+    if samples < 2 and from_jsonl is None:
+        raise GuppyError(f"--samples must be at least 2, got {samples}")
+    existing = [f for f in DATA_FILES if os.path.exists(os.path.join(out_dir, f))]
+    if existing and not force:
+        raise GuppyError(f"{out_dir}: already holds a dataset ({', '.join(existing)}); pass --force to replace it")
+
+    t0 = time.time()
+    keywords = {}
+    if from_jsonl:
+        rows = read_jsonl(from_jsonl)
+        train_rows, eval_rows = split_jsonl(rows, eval_fraction, seed)
+        source = {"from_jsonl": os.path.abspath(from_jsonl)}
+    else:
+        persona = persona_lib.load_persona(persona_path)
+        train_rows, eval_rows, stats = persona_lib.generate_dataset(persona, samples, seed, eval_fraction)
+        keywords = {t.name: list(t.keywords) for t in persona.topics}
+        source = {"persona": persona.name, "persona_path": str(persona.path), "generator": stats}
+    if not train_rows:
+        raise GuppyError("the dataset has no training conversations")
+    t_gen = time.time() - t0
+
+    tok = train_tokenizer((prompt_text(r["input"]) + reply_text(r["output"]) for r in train_rows), vocab_size)
+    t_tok = time.time() - t0 - t_gen
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".guppy-prepare-", dir=parent)
+    try:
+        write_jsonl(os.path.join(tmp, "train.jsonl"), train_rows)
+        write_jsonl(os.path.join(tmp, "eval.jsonl"), eval_rows)
+        tok.save(os.path.join(tmp, "tokenizer.json"))
+        lengths = {}
+        for split, rows in (("train", train_rows), ("eval", eval_rows)):
+            if not rows:
+                continue
+            tokens, offsets, prompt_len = encode_conversations(tok, rows)
+            np.save(os.path.join(tmp, f"{split}.tokens.npy"), tokens)
+            np.save(os.path.join(tmp, f"{split}.offsets.npy"), offsets)
+            np.save(os.path.join(tmp, f"{split}.prompt_len.npy"), prompt_len)
+            lengths[split] = np.diff(offsets)
+        tl = lengths["train"]
+        train_pairs = {(r["input"], r["output"]) for r in train_rows}
+        meta = {
+            "n_train": len(train_rows), "n_eval": len(eval_rows), "seed": seed, "eval_fraction": eval_fraction,
+            "vocab_size": tok.get_vocab_size(), "special_tokens": SPECIAL_TOKENS,
+            "unique_reply_fraction": round(unique_reply_fraction(train_rows + eval_rows), 4),
+            "eval_pairs_in_train": sum((r["input"], r["output"]) in train_pairs for r in eval_rows),
+            "tokens_per_conversation": {"mean": round(float(tl.mean()), 2), "median": float(np.median(tl)),
+                                        "p95": float(np.percentile(tl, 95)), "max": int(tl.max())},
+            "category_keywords": keywords, "source": source,
+            "seconds": {"generate": round(t_gen, 2), "tokenizer": round(t_tok, 2),
+                        "total": round(time.time() - t0, 2)},
+        }
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        os.makedirs(out_dir, exist_ok=True)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"prepared {meta['n_train']:,} train + {meta['n_eval']:,} eval conversations in {out_dir} "
+        f"({meta['seconds']['total']:.1f} s): vocab {meta['vocab_size']}, "
+        f"{meta['tokens_per_conversation']['mean']:.1f} tokens/conversation, "
+        f"unique replies {meta['unique_reply_fraction']:.1%}")
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading and batching
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Split:
+    """The conversations of one split as flat arrays; conversation c is tokens[offsets[c]:offsets[c+1]]."""
+    tokens: np.ndarray
+    offsets: np.ndarray
+    prompt_len: np.ndarray
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def conversation(self, c: int) -> np.ndarray:
+        return self.tokens[self.offsets[c]:self.offsets[c + 1]]
+
+
+def load_split(data_dir: str, split: str) -> Split:
+    if not os.path.isdir(data_dir):
+        raise GuppyError(f"{data_dir}: no such data folder (run `guppy prepare --out {data_dir}` first)")
+    paths = [os.path.join(data_dir, f"{split}.{kind}.npy") for kind in ("tokens", "offsets", "prompt_len")]
+    missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise GuppyError(f"{data_dir}: missing {', '.join(missing)} (run `guppy prepare --out {data_dir}`)")
+    try:
+        tokens, offsets, prompt_len = (np.load(p, allow_pickle=False) for p in paths)
+    except Exception as e:
+        raise GuppyError(f"{data_dir}: cannot read the {split} token arrays ({e})") from None
+    if len(offsets) < 2 or offsets[-1] != len(tokens) or len(prompt_len) != len(offsets) - 1:
+        raise GuppyError(f"{data_dir}: the {split} token arrays are empty or inconsistent; run `guppy prepare` again")
+    return Split(tokens, offsets, prompt_len)
+
+
+@dataclass
+class Batch:
+    idx: torch.Tensor                          # (B, T) input token ids
+    targets: torch.Tensor                      # (B, T) next-token ids, IGNORE where no loss is taken
+    segment_ids: torch.Tensor | None = None    # (B, T) packed mode: which conversation each token belongs to
+    positions: torch.Tensor | None = None      # (B, T) packed mode: position within its conversation
+
+    def to(self, device, non_blocking=False):
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
+        return Batch(move(self.idx), move(self.targets), move(self.segment_ids), move(self.positions))
+
+    def n_targets(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+def conversation_targets(conv: np.ndarray, prompt_len: int, assistant_only: bool) -> np.ndarray:
+    """Next-token targets of one conversation laid out at its own positions (len(conv)); the last has none."""
+    targets = np.full(len(conv), IGNORE, dtype=np.int64)
+    targets[:-1] = conv[1:]
+    if assistant_only:  # predict only the reply: positions before the last prompt token carry no loss
+        targets[:max(0, prompt_len - 1)] = IGNORE
+    return targets
+
+
+class Batcher:
+    """Deterministic batches over a split, resumable from (epoch, cursor).
+
+    Each epoch visits the conversations in a permutation drawn from (seed, epoch). Under DDP, rank r of w takes
+    batches r, r+w, r+2w, ... of the same stream, so ranks see disjoint data.
+    """
+
+    def __init__(self, split: Split, batch_size: int, max_seq_len: int, mode: str = "pad", assistant_only=False,
+                 seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if mode not in ("pad", "packed"):
+            raise GuppyError(f"unknown batch mode {mode!r}; choose pad or packed")
+        self.split, self.batch_size, self.max_seq_len, self.mode = split, batch_size, max_seq_len, mode
+        self.assistant_only, self.seed, self.shuffle = assistant_only, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.cursor = 0, 0
+        self._order = None
+        lengths = np.diff(split.offsets)
+        self.n_truncated = int((lengths > max_seq_len).sum())  # a conversation is cut to max_seq_len tokens
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
+
+    def _permutation(self):
+        if self._order is None:
+            n = len(self.split)
+            self._order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle
+                           else np.arange(n))
+        return self._order
+
+    def _next_conversation(self) -> int:
+        order = self._permutation()
+        if self.cursor >= len(order):
+            self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+            order = self._permutation()
+        c = int(order[self.cursor])
+        self.cursor += 1
+        return c
+
+    def _peek_conversation(self) -> int:
+        state = self.state_dict()
+        c = self._next_conversation()
+        self.load_state_dict(state)
+        return c
+
+    def _conv(self, c):
+        conv = self.split.conversation(c)[:self.max_seq_len].astype(np.int64)
+        return conv, conversation_targets(conv, int(self.split.prompt_len[c]), self.assistant_only)
+
+    def _pad_batch(self) -> Batch:
+        convs = [self._conv(self._next_conversation()) for _ in range(self.batch_size)]
+        # GuppyLM's layout: x = ids[:-1], y = ids[1:]; the final token has no target, so rows have length L-1.
+        T = max(len(c) for c, _ in convs) - 1
+        T = max(T, 1)
+        idx = np.full((len(convs), T), PAD_ID, dtype=np.int64)
+        targets = np.full((len(convs), T), IGNORE, dtype=np.int64)
+        for i, (conv, tgt) in enumerate(convs):
+            n = min(len(conv) - 1, T)
+            idx[i, :n], targets[i, :n] = conv[:n], tgt[:n]
+        return Batch(torch.from_numpy(idx), torch.from_numpy(targets))
+
+    def _packed_batch(self) -> Batch:
+        B, T = self.batch_size, self.max_seq_len
+        idx = np.full((B, T), PAD_ID, dtype=np.int64)
+        targets = np.full((B, T), IGNORE, dtype=np.int64)
+        segment_ids = np.zeros((B, T), dtype=np.int32)
+        positions = np.zeros((B, T), dtype=np.int64)
+        fill = np.zeros(B, dtype=np.int64)     # tokens used in each row
+        n_segments = np.zeros(B, dtype=np.int32)
+        while True:  # first fit: each conversation goes into the first row with room; stop when none has room
+            c = self._peek_conversation()
+            conv, tgt = self._conv(c)
+            rows = np.nonzero(fill + len(conv) <= T)[0]
+            if len(rows) == 0:
+                break
+            self._next_conversation()
+            r, start = rows[0], fill[rows[0]]
+            end = start + len(conv)
+            idx[r, start:end], targets[r, start:end] = conv, tgt
+            segment_ids[r, start:end] = n_segments[r]
+            positions[r, start:end] = np.arange(len(conv))
+            fill[r], n_segments[r] = end, n_segments[r] + 1
+        for r in range(B):  # the unused tail of a row is its own segment, so it attends only to itself
+            segment_ids[r, fill[r]:] = n_segments[r]
+        return Batch(torch.from_numpy(idx), torch.from_numpy(targets), torch.from_numpy(segment_ids),
+                     torch.from_numpy(positions))
+
+    def next_batch(self) -> Batch:
+        make = self._pad_batch if self.mode == "pad" else self._packed_batch
+        for _ in range(self.rank):
+            make()
+        batch = make()
+        for _ in range(self.world_size - 1 - self.rank):
+            make()
+        return batch
+
+
+def eval_batches(split: Split, batch_size: int, max_seq_len: int, max_batches: int = 0, assistant_only=False):
+    """The held-out set in a fixed order, as pad batches: the same conversations for every run and every mode."""
+    batcher = Batcher(split, batch_size, max_seq_len, "pad", assistant_only, shuffle=False)
+    n = -(-len(split) // batch_size)
+    if max_batches:
+        n = min(n, max_batches)
+    batches = []
+    for _ in range(n):
+        remaining = len(split) - batcher.cursor
+        batcher.batch_size = min(batch_size, remaining)
+        batches.append(batcher.next_batch())
+    return batches

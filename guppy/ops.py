@@ -1,0 +1,168 @@
+"""The seam between the model and its kernels.
+
+The model never calls LayerNorm, attention or cross-entropy directly: it calls `ops.layer_norm`, `ops.attention`,
+`ops.cross_entropy` and `ops.linear_cross_entropy` on an `Ops` table that `get_ops(name)` returns. Each name selects an
+implementation; the model does not know which one runs.
+
+The `reference` bodies below are the specification. They are a few lines of plain PyTorch each, they are what GuppyLM
+computes, and every hand-written kernel in `guppy.kernels` (Triton) and `guppy.csrc` (CUDA C++) is tested against
+them. Read them first; each kernel file sits one jump away and says in its header how it computes the same thing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LayerNorm
+# --------------------------------------------------------------------------------------------------------------------
+def layer_norm_reference(x, weight, bias, eps=1e-5, residual=None):
+    """y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias, over the last dimension (biased variance).
+
+    With `residual`, the normalised input is h = x + residual and the result is the pair (y, h): a pre-norm block
+    needs both the normalised activations and the updated residual stream, and a kernel can produce them in one pass.
+    """
+    if residual is not None:
+        x = x + residual
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return (y, x) if residual is not None else y
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------------------------
+def attention_mask(t_q: int, t_k: int, causal: bool, segment_ids=None, device=None):
+    """Boolean mask, True where query i may attend to key j. Shape (t_q, t_k), or (B, 1, t_q, t_k) with segments.
+
+    causal: j <= i, with the queries aligned to the *last* t_q keys (so a decoder step with a KV cache, t_q=1, sees
+    every cached key). segment_ids (B, T): i and j must belong to the same packed conversation.
+    """
+    allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=device)
+    if causal:
+        allowed = torch.tril(allowed, diagonal=t_k - t_q)
+    if segment_ids is not None:
+        same = segment_ids[:, -t_q:, None] == segment_ids[:, None, :]          # (B, t_q, t_k)
+        allowed = (allowed & same)[:, None]                                   # (B, 1, t_q, t_k)
+    return allowed
+
+
+def attention_reference(q, k, v, causal=True, sm_scale=None, segment_ids=None, dropout_p=0.0):
+    """softmax(q kᵀ · sm_scale + mask) with dropout on the probabilities, times v. GuppyLM's masked-softmax attention.
+
+    q: (B, H, Tq, D), k and v: (B, H, Tk, D); sm_scale defaults to 1/sqrt(D). Semantics of
+    F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(...), dropout_p=dropout_p).
+    """
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    scores = (q @ k.transpose(-2, -1)) * sm_scale
+    mask = attention_mask(q.shape[-2], k.shape[-2], causal, segment_ids, q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p)
+    return probs @ v
+
+
+def attention_sdpa(q, k, v, causal=True, sm_scale=None, segment_ids=None, dropout_p=0.0):
+    """The same function through PyTorch's fused SDPA (flash / memory-efficient / cuDNN backends where eligible)."""
+    if segment_ids is None and (not causal or q.shape[-2] == k.shape[-2]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=sm_scale)
+    mask = attention_mask(q.shape[-2], k.shape[-2], causal, segment_ids, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=sm_scale)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cross-entropy
+# --------------------------------------------------------------------------------------------------------------------
+def cross_entropy_reference(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """loss_i = logsumexp(logits_i) - logits_i[target_i] on rows whose target is not ignore_index.
+
+    logits (N, V), target (N,). "mean" divides by the number of counted rows (NaN when there are none), "sum" adds,
+    "none" returns (N,) with 0 on ignored rows. With label smoothing ε the target is (1-ε)·onehot + ε/V.
+    """
+    return F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+
+
+def linear_cross_entropy_reference(hidden, weight, target, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """cross_entropy(hidden @ weightᵀ, target): the LM head and the loss. hidden (N, C), weight (V, C)."""
+    return cross_entropy_reference(hidden @ weight.t(), target, ignore_index, reduction, label_smoothing)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------------------------------
+class Ops(NamedTuple):
+    name: str
+    layer_norm: Callable
+    attention: Callable
+    cross_entropy: Callable
+    linear_cross_entropy: Callable
+    fused_lm_head: bool  # True: the model hands the LM head to linear_cross_entropy and never builds training logits
+
+
+REFERENCE = Ops("reference", layer_norm_reference, attention_reference, cross_entropy_reference,
+                linear_cross_entropy_reference, fused_lm_head=False)
+SDPA = REFERENCE._replace(name="sdpa", attention=attention_sdpa)
+
+def _triton_ops() -> Ops:
+    """guppy.kernels: Triton LayerNorm (with fused residual), flash attention, cross-entropy and fused LM-head loss."""
+    from . import kernels  # ImportError when triton is missing: `availability()` reports it
+    return Ops("triton", kernels.layer_norm, kernels.attention, kernels.cross_entropy, kernels.linear_cross_entropy,
+               fused_lm_head=True)
+
+
+def _csrc_ops() -> Ops:
+    """guppy.csrc: the CUDA C++ tensor-core attention (T4), the Triton kernels for everything else."""
+    from . import csrc
+    return _triton_ops()._replace(name="csrc", attention=csrc.attention)
+
+
+def _auto_ops() -> Ops:
+    """Per call: the Triton kernels on CUDA tensors, the reference on CPU tensors (where Triton needs an interpreter)."""
+    try:
+        fast = _triton_ops()
+    except ImportError:
+        return REFERENCE._replace(name="auto")
+
+    def pick(fast_fn, ref_fn):
+        def op(x, *args, **kwargs):
+            return (fast_fn if x.is_cuda else ref_fn)(x, *args, **kwargs)
+        op.__name__ = f"auto_{ref_fn.__name__}"
+        return op
+
+    return Ops("auto", pick(fast.layer_norm, REFERENCE.layer_norm), pick(fast.attention, REFERENCE.attention),
+               pick(fast.cross_entropy, REFERENCE.cross_entropy),
+               pick(fast.linear_cross_entropy, REFERENCE.linear_cross_entropy), fused_lm_head=True)
+
+
+_BUILDERS: dict[str, Callable[[], Ops]] = {
+    "reference": lambda: REFERENCE,
+    "sdpa": lambda: SDPA,
+    "triton": _triton_ops,
+    "csrc": _csrc_ops,
+    "auto": _auto_ops,
+}
+
+
+def names() -> list[str]:
+    return list(_BUILDERS)
+
+
+def get_ops(name: str) -> Ops:
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown ops implementation {name!r}; choose one of: {', '.join(_BUILDERS)}")
+    return _BUILDERS[name]()
+
+
+def availability() -> dict[str, Optional[str]]:
+    """name -> None when usable here, else the reason it is not (for `guppy info`)."""
+    out = {}
+    for name in _BUILDERS:
+        try:
+            get_ops(name)
+            out[name] = None
+        except Exception as e:  # an optional backend that cannot load says why, it does not crash `info`
+            out[name] = str(e).splitlines()[0]
+    return out

@@ -1,0 +1,328 @@
+"""The training loop: AdamW, cosine schedule with warm-up, gradient clipping, mixed precision by device, evals on the
+held-out set, atomic checkpoints, exact resume, and DDP under torchrun.
+
+Host syncs are kept off the hot path: the loss is accumulated on the device and read back every `log_every` steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt_lib
+from .config import ModelConfig, TrainConfig
+from .data import Batcher, eval_batches, load_split
+from .errors import GuppyError
+from .model import GuppyLM
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Device and precision
+# --------------------------------------------------------------------------------------------------------------------
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise GuppyError(f"--device {name}: CUDA is not available here (torch {torch.__version__}"
+                             f"{', a CPU-only build' if torch.version.cuda is None else ''}); use --device cpu")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise GuppyError(f"unknown device {name!r}; choose auto, cpu or cuda")
+
+
+def autocast_dtype(device: torch.device):
+    """fp16 (+ GradScaler) on sm_75 and older, bf16 on sm_80+, fp32 on the CPU. Decided by compute capability:
+    `torch.cuda.is_bf16_supported()` has said True on a T4, where bf16 is only emulated."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def autocast(device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# --------------------------------------------------------------------------------------------------------------------
+def param_groups(model, weight_decay: float, decay_all: bool):
+    """Decay the matrices of the linear layers; not norms, biases or embeddings (unless decay_all, GuppyLM's way)."""
+    if decay_all:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    embeddings = {id(model.tok_emb.weight), id(model.pos_emb.weight)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model, cfg: TrainConfig, device):
+    kwargs = {"fused": True} if cfg.fused_adamw and device.type == "cuda" else {}
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_all), lr=cfg.lr, betas=cfg.betas,
+                             **kwargs)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up from 0 to lr, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RNG state (for exact resume)
+# --------------------------------------------------------------------------------------------------------------------
+def rng_state(device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device):
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, batches, device, amp_dtype=None) -> float:
+    """Mean loss per target token over the held-out batches (token-weighted, so every mode and run compares)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count = 0
+    for b in batches:
+        b = b.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            _, loss = model(b.idx, b.targets, segment_ids=b.segment_ids, positions=b.positions)
+        n = b.n_targets()
+        total += loss.double() * n
+        count += n
+    model.train(was_training)
+    return float(total) / max(1, count)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Distributed
+# --------------------------------------------------------------------------------------------------------------------
+def ddp_setup(device_name: str):
+    """Under torchrun (WORLD_SIZE > 1): join the process group. Returns (rank, world_size, local_rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist.get_rank(), world, local_rank
+
+
+def ddp_max_param_difference(model) -> float:
+    """Largest |p - p on rank 0| over all parameters and ranks: 0.0 when DDP kept the replicas identical."""
+    worst = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        ref = p.detach().clone()
+        dist.broadcast(ref, 0)
+        worst = torch.maximum(worst, (p.detach() - ref).abs().max().double().cpu())
+    worst = worst.to(next(model.parameters()).device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------------------
+class MetricsLog:
+    def __init__(self, path, enabled=True):
+        self.path, self.enabled = path, enabled
+
+    def write(self, **record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig, device: str = "auto",
+          resume: bool = False, stop_at_step: int | None = None, progress: bool = True, log=print) -> dict:
+    """Train a GuppyLM on a prepared data folder, writing checkpoints and metrics.jsonl into out_dir.
+
+    resume: continue from out_dir's latest checkpoint exactly (model, optimiser, scaler, RNG and data position).
+    stop_at_step: save and stop there, keeping the schedule of max_steps (train in pieces; resume later).
+    Returns a summary dict.
+    """
+    rank, world, local_rank = ddp_setup(device)
+    dev = resolve_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", local_rank)
+    is_main = rank == 0
+
+    train_split = load_split(data_dir, "train")
+    eval_split = load_split(data_dir, "eval") if os.path.isfile(os.path.join(data_dir, "eval.offsets.npy")) else None
+    meta_path = os.path.join(data_dir, "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            vocab = json.load(f).get("vocab_size", model_cfg.vocab_size)
+        if vocab > model_cfg.vocab_size:
+            raise GuppyError(f"{data_dir}: its tokenizer has {vocab} tokens but the model's vocab_size is "
+                             f"{model_cfg.vocab_size}")
+
+    start_step, best_eval, state = 0, float("inf"), None
+    if resume:
+        pointer = ckpt_lib.read_pointer(out_dir, "latest")
+        if pointer is None:
+            raise GuppyError(f"{out_dir}: nothing to resume (no latest.json); start without --resume")
+        ckpt_dir = os.path.join(out_dir, pointer["checkpoint"])
+        model, _ = ckpt_lib.load_model(ckpt_dir, ops=model_cfg.ops)
+        model_cfg = model.config
+        state, _ = ckpt_lib.load_training_state(ckpt_dir)
+        saved_cfg = TrainConfig.from_dict(state["train_config"])
+        # the schedule and data order must be the run's own; what may change on resume is how far and how often
+        for keep in ("max_steps", "eval_every", "save_every", "log_every", "eval_batches"):
+            setattr(saved_cfg, keep, getattr(cfg, keep))
+        cfg = saved_cfg
+        start_step = state["step"]
+        best_eval = state["extra"].get("best_eval", float("inf"))
+    else:
+        if ckpt_lib.read_pointer(out_dir, "latest") is not None:
+            raise GuppyError(f"{out_dir}: already holds a training run; pass --resume to continue it, "
+                             "or choose another --out")
+        torch.manual_seed(cfg.seed + rank)
+        model = GuppyLM(model_cfg)
+    model.to(dev)
+    if is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        tok_src = os.path.join(data_dir, "tokenizer.json")
+        if os.path.isfile(tok_src):  # chat needs only the run folder
+            shutil.copyfile(tok_src, os.path.join(out_dir, "tokenizer.json"))
+
+    amp_dtype = autocast_dtype(dev)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    optimizer = make_optimizer(model, cfg, dev)
+    batcher = Batcher(train_split, cfg.batch_size, model_cfg.max_seq_len, cfg.batch_mode,
+                      assistant_only=cfg.loss_on == "assistant", seed=cfg.seed, rank=rank, world_size=world)
+    if state is not None:
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        batcher.load_state_dict(state["extra"]["data"])
+        set_rng_state(state["rng"], dev)
+    evals = (eval_batches(eval_split, cfg.batch_size, model_cfg.max_seq_len, cfg.eval_batches,
+                          assistant_only=cfg.loss_on == "assistant") if eval_split is not None else [])
+
+    train_model = model
+    if cfg.compile:
+        train_model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=is_main)
+    end_step = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
+    if is_main:
+        log(f"training {model.num_params():,} parameters on {dev} ({amp_dtype or torch.float32}), ops "
+            f"{model_cfg.ops}, {cfg.batch_mode} batches of {cfg.batch_size}, steps {start_step} -> {end_step}"
+            + (f", {world} ranks" if world > 1 else ""))
+        if batcher.n_truncated:
+            log(f"note: {batcher.n_truncated} conversations are longer than max_seq_len={model_cfg.max_seq_len} "
+                "tokens and are cut")
+
+    def save(step, pointers=("latest",)):
+        if is_main:
+            ckpt_lib.save_checkpoint(out_dir, step, model, model_cfg, cfg, optimizer, scaler, rng_state(dev),
+                                     extra={"best_eval": best_eval, "data": batcher.state_dict()},
+                                     pointers=pointers)
+
+    bar = None
+    if is_main and progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=end_step, initial=start_step, unit="step", dynamic_ncols=True, leave=True)
+
+    step, t_start = start_step, time.time()
+    loss_sum = torch.zeros((), device=dev)
+    tokens_window, steps_window, t_window = 0, 0, time.time()
+    last_eval = None
+    interrupted = False
+    model.train()
+    try:
+        while step < end_step:
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            batch = batcher.next_batch()
+            tokens_window += batch.n_targets()
+            b = batch.to(dev, non_blocking=True)
+            with autocast(dev, amp_dtype):
+                _, loss = train_model(b.idx, b.targets, segment_ids=b.segment_ids, positions=b.positions)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().float()
+            step += 1
+            steps_window += 1
+
+            if step % cfg.log_every == 0 or step == end_step:
+                train_loss = float(loss_sum) / steps_window  # the one host sync of this window
+                dt = time.time() - t_window
+                tok_s = tokens_window * world / max(dt, 1e-9)
+                metrics.write(step=step, train_loss=train_loss, lr=lr, tokens_per_s=round(tok_s, 1),
+                              elapsed=round(time.time() - t_start, 3))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}",
+                                    eval=f"{last_eval:.4f}" if last_eval is not None else "-", refresh=False)
+                loss_sum.zero_()
+                tokens_window, steps_window, t_window = 0, 0, time.time()
+            if bar is not None:
+                bar.update(1)
+
+            is_eval = evals and (step % cfg.eval_every == 0 or step == cfg.max_steps)
+            if is_eval:
+                last_eval = evaluate(model, evals, dev, amp_dtype)
+                improved = last_eval < best_eval
+                best_eval = min(best_eval, last_eval)
+                metrics.write(step=step, eval_loss=last_eval, elapsed=round(time.time() - t_start, 3))
+                if improved:
+                    save(step, pointers=("best", "latest"))
+            if step % cfg.save_every == 0 or step == end_step:
+                save(step)
+    except KeyboardInterrupt:
+        interrupted = True
+        if is_main:
+            log(f"\ninterrupted at step {step}: saving a checkpoint before exiting")
+        save(step)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    summary = {"step": step, "best_eval": best_eval, "last_eval": last_eval, "seconds": time.time() - t_start,
+               "interrupted": interrupted, "out_dir": out_dir}
+    if world > 1 and not interrupted:
+        summary["ddp_max_param_difference"] = ddp_max_param_difference(model)
+        metrics.write(step=step, ddp_world_size=world, ddp_max_param_difference=summary["ddp_max_param_difference"])
+    if is_main:
+        log(f"done: step {step}, best eval loss {best_eval:.4f}, {summary['seconds']:.1f} s; checkpoints in {out_dir}")
+    if interrupted:
+        raise KeyboardInterrupt
+    return summary

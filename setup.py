@@ -1,0 +1,35 @@
+"""guppy: a tiny fish-persona language model, and the hand-written kernels that train it fast.
+
+The design card puts `guppy/`, `kernels/` and `csrc/` side by side at the repository root. They install under one
+import namespace (`guppy.kernels`, `guppy.csrc`) so that nothing shadows Hugging Face's top-level `kernels` package.
+torch is a dependency with no upper pin, so `pip install` on Colab keeps the torch that is already there.
+"""
+from setuptools import setup
+
+setup(
+    name="guppy",
+    version="0.1.0",
+    description="A ~9M-parameter fish-persona transformer trained from scratch in minutes, with Triton and CUDA kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["guppy", "guppy.personas", "guppy.kernels", "guppy.csrc"],
+    package_dir={"guppy.kernels": "kernels", "guppy.csrc": "csrc"},
+    package_data={
+        "guppy.personas": ["*.toml"],
+        "guppy.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"],
+    },
+    install_requires=[
+        "torch>=2.1",
+        "tokenizers>=0.15",
+        "safetensors>=0.4",
+        "numpy",
+        "tqdm",
+        "ninja",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "triton"],
+        "bench": ["pytest-benchmark", "triton", "matplotlib", "nbclient", "nbformat", "ipykernel"],
+    },
+    entry_points={"console_scripts": ["guppy=guppy.cli:main"]},
+)

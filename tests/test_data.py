@@ -1,0 +1,151 @@
+"""Data: determinism, train/eval disjointness, tokenizer round trip, and the two batching modes."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from guppy.data import (IGNORE, IM_END_ID, IM_START_ID, PAD_ID, Batcher, load_split, load_tokenizer, prepare,
+                        prompt_text, read_jsonl, reply_text, write_jsonl)
+from guppy.errors import GuppyError
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    prepare(str(d), samples=3000, seed=7, eval_fraction=0.1, vocab_size=512, log=lambda *_: None)
+    return str(d)
+
+
+def test_prepare_is_deterministic_for_a_seed(tmp_path, data_dir):
+    again = tmp_path / "again"
+    prepare(str(again), samples=3000, seed=7, eval_fraction=0.1, vocab_size=512, log=lambda *_: None)
+    for name in ("train.jsonl", "eval.jsonl", "tokenizer.json", "train.tokens.npy", "eval.offsets.npy"):
+        assert (again / name).read_bytes() == open(os.path.join(data_dir, name), "rb").read(), name
+    other = tmp_path / "other"
+    prepare(str(other), samples=3000, seed=8, eval_fraction=0.1, vocab_size=512, log=lambda *_: None)
+    assert (other / "train.jsonl").read_bytes() != (again / "train.jsonl").read_bytes()
+
+
+def test_eval_pairs_are_absent_from_train(data_dir):
+    train = read_jsonl(os.path.join(data_dir, "train.jsonl"))
+    evals = read_jsonl(os.path.join(data_dir, "eval.jsonl"))
+    assert len(evals) == 300 and len(train) == 2700
+    train_pairs = {(r["input"], r["output"]) for r in train}
+    assert not any((r["input"], r["output"]) in train_pairs for r in evals)
+    assert all(set(r) == {"input", "output", "category"} for r in train[:50])
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    assert meta["eval_pairs_in_train"] == 0
+    assert meta["unique_reply_fraction"] == pytest.approx(len({r["output"] for r in train + evals}) / 3000, abs=1e-4)
+
+
+def test_tokenizer_round_trip_and_special_ids(data_dir):
+    tok = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+    assert [tok.token_to_id(t) for t in ("<pad>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
+    for text in ["hello little fish!", "  spaces   and\ttabs\n", "émoji 🐟 and ünïcode", "numbers 12345.6789"]:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert tok.decode(ids) == text
+    ids = tok.encode(prompt_text("hi") + reply_text("blub"), add_special_tokens=False).ids
+    assert ids[0] == IM_START_ID and ids[-1] == IM_END_ID and ids.count(IM_START_ID) == 2
+
+
+def test_token_arrays_hold_each_conversation(data_dir):
+    tok = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+    rows = read_jsonl(os.path.join(data_dir, "eval.jsonl"))
+    split = load_split(data_dir, "eval")
+    assert len(split) == len(rows)
+    for c in (0, 17, len(rows) - 1):
+        text = tok.decode(split.conversation(c).tolist(), skip_special_tokens=False)
+        assert text == prompt_text(rows[c]["input"]) + reply_text(rows[c]["output"])
+        prompt = tok.decode(split.conversation(c)[:split.prompt_len[c]].tolist(), skip_special_tokens=False)
+        assert prompt == prompt_text(rows[c]["input"])
+
+
+def test_pad_batches(data_dir):
+    split = load_split(data_dir, "train")
+    b = Batcher(split, 8, 128, "pad", seed=1).next_batch()
+    assert b.idx.shape == b.targets.shape and b.idx.shape[0] == 8
+    for i in range(8):
+        real = b.targets[i] != IGNORE
+        n = int(real.sum())
+        # a conversation of L tokens gives L-1 targets, left-aligned; the rest is padding
+        assert real[:n].all() and not real[n:].any()
+        assert (b.idx[i, 1:n] == b.targets[i, :n - 1]).all()
+        assert (b.idx[i, n:] == PAD_ID).all()
+    assert b.idx.shape[1] == int((b.targets != IGNORE).sum(1).max())  # padded to the batch's longest
+
+
+def test_packed_batches_hold_whole_conversations(data_dir):
+    split = load_split(data_dir, "train")
+    batcher = Batcher(split, 4, 128, "packed", seed=1)
+    b = batcher.next_batch()
+    assert b.idx.shape == (4, 128)
+    used = 0
+    for r in range(4):
+        seg, pos, idx, tgt = b.segment_ids[r], b.positions[r], b.idx[r], b.targets[r]
+        for s in seg.unique().tolist():
+            where = (seg == s).nonzero().flatten()
+            assert (where.diff() == 1).all()  # contiguous
+            conv = idx[where]
+            if (tgt[where] == IGNORE).all():
+                assert (conv == PAD_ID).all()  # the padding tail
+                continue
+            used += len(where)
+            assert (pos[where] == np.arange(len(where))).all()  # positions restart
+            assert conv[0] == IM_START_ID and conv[-1] == IM_END_ID  # a whole conversation
+            assert (tgt[where][:-1] == conv[1:]).all() and tgt[where][-1] == IGNORE
+    assert used / (4 * 128) > 0.8  # packing leaves little waste
+
+
+def test_assistant_only_loss_masks_the_prompt(data_dir):
+    split = load_split(data_dir, "train")
+    b = Batcher(split, 4, 128, "pad", assistant_only=True, seed=1, shuffle=False).next_batch()
+    for i in range(4):
+        p = int(split.prompt_len[i])
+        assert (b.targets[i, :p - 1] == IGNORE).all()
+        assert b.targets[i, p - 1] == split.conversation(i)[p]  # first reply token is predicted
+
+
+def test_batcher_resumes_exactly(data_dir):
+    split = load_split(data_dir, "train")
+    a = Batcher(split, 16, 128, "packed", seed=3)
+    for _ in range(5):
+        a.next_batch()
+    state = a.state_dict()
+    expected = [a.next_batch().idx for _ in range(400)]  # crosses an epoch boundary
+    b = Batcher(split, 16, 128, "packed", seed=3)
+    b.load_state_dict(state)
+    assert all((b.next_batch().idx == e).all() for e in expected)
+
+
+def test_ddp_ranks_see_disjoint_batches(data_dir):
+    split = load_split(data_dir, "train")
+    whole = Batcher(split, 4, 128, "pad", seed=2)
+    stream = [whole.next_batch().idx for _ in range(4)]
+    r0, r1 = (Batcher(split, 4, 128, "pad", seed=2, rank=r, world_size=2) for r in (0, 1))
+    assert (r0.next_batch().idx == stream[0]).all() and (r1.next_batch().idx == stream[1]).all()
+    assert (r0.next_batch().idx == stream[2]).all() and (r1.next_batch().idx == stream[3]).all()
+
+
+def test_prepare_refuses_to_overwrite_and_keeps_the_data(data_dir):
+    before = open(os.path.join(data_dir, "train.jsonl"), "rb").read()
+    with pytest.raises(GuppyError, match="already holds a dataset"):
+        prepare(data_dir, samples=100, log=lambda *_: None)
+    assert open(os.path.join(data_dir, "train.jsonl"), "rb").read() == before
+
+
+def test_from_jsonl(tmp_path):
+    rows = [{"input": f"q{i % 50}", "output": f"a{i}", "category": "c"} for i in range(400)]
+    src = tmp_path / "in.jsonl"
+    write_jsonl(str(src), rows)
+    meta = prepare(str(tmp_path / "d"), from_jsonl=str(src), eval_fraction=0.1, vocab_size=300, log=lambda *_: None)
+    train = read_jsonl(str(tmp_path / "d" / "train.jsonl"))
+    evals = read_jsonl(str(tmp_path / "d" / "eval.jsonl"))
+    assert meta["eval_pairs_in_train"] == 0 and len(evals) == 40 and len(train) == 360
+
+
+def test_bad_jsonl_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "output": "b"}\n{not json\n')
+    with pytest.raises(GuppyError, match=r"bad.jsonl: line 2: not valid JSON"):
+        read_jsonl(str(bad))
