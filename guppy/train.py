@@ -98,6 +98,20 @@ def set_rng_state(state: dict, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def train_step(model, b, optimizer, scaler, grad_clip, dev, amp_dtype):
+    """One optimiser step on batch b (already on dev): forward, backward, unscale, clip, step. Returns the loss
+    (a detached device tensor: reading it is a host sync, left to the caller)."""
+    with autocast(dev, amp_dtype):
+        _, loss = model(b.idx, b.targets, segment_ids=b.segment_ids, positions=b.positions)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------------------------
@@ -270,16 +284,9 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
                 g["lr"] = lr
             batch = batcher.next_batch()
             tokens_window += batch.n_targets()
-            b = batch.to(dev, non_blocking=True)
-            with autocast(dev, amp_dtype):
-                _, loss = train_model(b.idx, b.targets, segment_ids=b.segment_ids, positions=b.positions)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
+            loss = train_step(train_model, batch.to(dev, non_blocking=True), optimizer, scaler, cfg.grad_clip,
+                              dev, amp_dtype)
+            loss_sum += loss.float()
             step += 1
             steps_window += 1
 

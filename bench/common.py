@@ -1,0 +1,63 @@
+"""What every benchmark records with its numbers: the device, the versions, the date, and where results go."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# Dense fp16/bf16 tensor-core peaks (TFLOPS, no sparsity), from the vendors' datasheets; MFU is measured against these.
+PEAK_TFLOPS = {
+    "T4": 65.0, "A100": 312.0, "L4": 121.0, "H100": 989.0, "H200": 989.0, "A10": 125.0, "V100": 125.0,
+}
+
+
+def device_name(device=None) -> str:
+    if device is not None and torch.device(device).type == "cuda" or device is None and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def peak_tflops(name: str) -> float | None:
+    for key, peak in PEAK_TFLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def environment(device=None) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+           "cuda": torch.version.cuda, "date": datetime.date.today().isoformat()}
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        env["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    return env
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40]
+
+
+def write_result(kind: str, result: dict, out: str | None = None) -> str:
+    """bench/results/<kind>-<device>-<date>.json unless out is given."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = out or os.path.join(RESULTS_DIR, f"{kind}-{slug(result['device'])}-{result['date']}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    return path
+
+
+def model_flops_per_token(cfg, seq_len: float) -> float:
+    """Training FLOPs per token: 6 per parameter touched per token (the embedding lookup is free, the tied LM head
+    is not), plus attention's 12·L·d·T_ctx (causal halves the 6·2·... of full attention; T_ctx = mean context)."""
+    n_matmul = cfg.n_layers * (4 * cfg.d_model ** 2 + 2 * cfg.d_model * cfg.ffn_hidden) + cfg.vocab_size * cfg.d_model
+    return 6 * n_matmul + 6 * cfg.n_layers * cfg.d_model * seq_len

@@ -1,0 +1,105 @@
+"""The `guppy` command end to end, as a user runs it, and the errors a user can make."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def guppy(*args, timeout=600, **kw):
+    return subprocess.run([sys.executable, "-m", "guppy", *args], capture_output=True, text=True, timeout=timeout,
+                          **kw)
+
+
+def assert_user_error(r, *fragments):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("guppy "), r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data, run = str(root / "data"), str(root / "run")
+    r = guppy("prepare", "--out", data, "--samples", "1200", "--vocab-size", "400")
+    assert r.returncode == 0, r.stderr
+    assert "unique replies" in r.stdout
+    r = guppy("train", "--data", data, "--out", run, "--preset", "tiny", "--device", "cpu", "--max-steps", "12")
+    assert r.returncode == 0, r.stderr
+    return root, data, run
+
+
+def test_end_to_end(trained):
+    root, data, run = trained
+    for name in ("train.jsonl", "eval.jsonl", "tokenizer.json", "meta.json", "train.tokens.npy"):
+        assert os.path.isfile(os.path.join(data, name))
+    assert os.path.isfile(os.path.join(run, "latest.json")) and os.path.isfile(os.path.join(run, "best.json"))
+    r = guppy("chat", "--checkpoint", run, "--prompt", "hi guppy", "--seed", "0", "--max-new-tokens", "8")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    r = guppy("chat", "--checkpoint", run, "--prompt", "", "--prompt", "hello")
+    assert r.returncode == 0 and "empty prompt" in r.stdout
+    r = guppy("chat", "--checkpoint", run, "--prompt", "blub " * 200, "--max-new-tokens", "4")
+    assert r.returncode == 0 and "truncated" in r.stderr
+    r = guppy("chat", "--checkpoint", run, input="hello\n\n/quit\n")
+    assert r.returncode == 0 and r.stdout.count("guppy>") == 1
+    r = guppy("eval", "--checkpoint", run, "--data", data)
+    assert r.returncode == 0 and "held-out loss" in r.stdout and "keyword hit rate" in r.stdout, r.stderr
+    r = guppy("info")
+    assert r.returncode == 0 and "torch" in r.stdout and "reference" in r.stdout
+    r = guppy("train", "--data", data, "--out", run, "--preset", "tiny", "--device", "cpu", "--max-steps", "14",
+              "--resume", "--quiet")
+    assert r.returncode == 0 and "steps 12 -> 14" in r.stdout, r.stderr
+
+
+def test_missing_and_empty_data_dir(tmp_path):
+    assert_user_error(guppy("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")),
+                      "no such data folder")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(guppy("train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")),
+                      "missing train.tokens.npy")
+
+
+def test_missing_and_truncated_checkpoint(trained, tmp_path):
+    _, data, run = trained
+    assert_user_error(guppy("chat", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"), "no such checkpoint")
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    ckpt = os.path.join(broken, "checkpoints", sorted(os.listdir(os.path.join(broken, "checkpoints")))[-1])
+    weights = os.path.join(ckpt, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    assert_user_error(guppy("chat", "--checkpoint", ckpt, "--prompt", "hi"), "unreadable checkpoint")
+    os.remove(weights)
+    assert_user_error(guppy("chat", "--checkpoint", ckpt, "--prompt", "hi"), "model.safetensors is missing")
+
+
+def test_malformed_persona(tmp_path):
+    bad = tmp_path / "fish.toml"
+    bad.write_text("[persona]\nname = 'x'\n[[topics]]\nname = 'a'\ninputs = [\n")
+    r = guppy("prepare", "--out", str(tmp_path / "d"), "--persona", str(bad))
+    assert_user_error(r, "fish.toml")
+    assert not (tmp_path / "d").exists()
+
+
+def test_unknown_preset_and_no_cuda(trained, tmp_path):
+    _, data, _ = trained
+    assert_user_error(guppy("train", "--data", data, "--out", str(tmp_path / "r"), "--preset", "whale"),
+                      "unknown preset 'whale'")
+    import torch
+    if not torch.cuda.is_available():
+        assert_user_error(guppy("train", "--data", data, "--out", str(tmp_path / "r"), "--device", "cuda"),
+                          "CUDA is not available")
+    assert not (tmp_path / "r").exists()
+
+
+def test_failed_commands_keep_existing_work(trained):
+    _, data, run = trained
+    before = {n: os.path.getmtime(os.path.join(data, n)) for n in os.listdir(data)}
+    assert_user_error(guppy("prepare", "--out", data, "--samples", "100"), "already holds a dataset")
+    assert {n: os.path.getmtime(os.path.join(data, n)) for n in os.listdir(data)} == before
+    assert_user_error(guppy("train", "--data", data, "--out", run, "--preset", "tiny", "--device", "cpu"),
+                      "pass --resume")
