@@ -1,0 +1,402 @@
+"""Personas: the TOML file that says who the model is, and the synthetic conversations sampled from it.
+
+A persona is a list of topics. Each topic has a few ways a user might say something (`inputs`), a few ways the
+character answers (`outputs`), and slot vocabularies that fill the `{placeholders}` in both. A training sample is one
+topic, one input template and one output template, every placeholder filled by a fresh random draw:
+
+    {"input": "are you hungry little fish", "output": "a bloodworm please. right now.", "category": "food"}
+
+(GuppyLM's published dataset format). The shipped character is `guppy/personas/guppy.toml`; copy it to make your own
+and check it with `python -m guppy.persona my.toml`.
+
+The file format
+---------------
+    [persona]
+    name = "guppy"                      # required
+    description = "a small pet fish"    # optional
+
+    [slots]                             # optional: shared vocabularies; {food} in ANY template draws from here
+    food = ["flakes", "a bloodworm", "{color} pellets"]
+    color = ["red", "green"]
+
+    [[topics]]                          # one block per topic, at least one
+    name = "food"                       # required, unique; becomes the "category" field of a sample
+    weight = 1.0                        # optional relative sampling weight (default 1); 2.0 = twice as often
+    keywords = ["food", "flakes"]       # required: a good reply on this topic contains at least one (keyword eval)
+    inputs = ["what do you eat", "are you hungry {nickname}"]   # required, what the user says
+    outputs = ["{food} please. right now."]                     # required, what the character says
+    [topics.slots]                      # optional, this topic only; shadows a shared slot of the same name
+    nickname = ["little fish", "guppy"]
+
+Rules:
+- A placeholder is `{name}`, name a Python identifier. A literal brace is `{{` or `}}`.
+- Every occurrence is an independent draw: "{food} or {food}" can give "flakes or a bloodworm".
+  (GuppyLM drew its fillers once at import time, so every sample of a template said the same thing.)
+- A slot value may itself hold placeholders, one level deep only: "{color} pellets" is fine, but `color`'s values
+  must then be plain text. Nested placeholders resolve where the value is defined: in a shared value against the
+  shared slots, in a topic-local value against that topic's slots (local first, then shared).
+- Whitespace runs are collapsed after filling, so a slot value may be "" (an optional word).
+- Every template is checked at load time; any problem raises `PersonaError("<file>: <problem>")`, one line.
+  Unknown keys are errors, so that a typo ("ouputs") cannot silently drop a field.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import tomllib
+from bisect import bisect
+from dataclasses import dataclass, field
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# One token of a template: an escaped brace, a {placeholder} (contents checked after), or a brace with no partner.
+_TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_TOP_KEYS = {"persona", "slots", "topics"}
+_PERSONA_KEYS = {"name", "description"}
+_TOPIC_KEYS = {"name", "weight", "keywords", "inputs", "outputs", "slots"}
+
+
+class PersonaError(ValueError):
+    """A persona file that cannot be used. str() is one line: "<file path>: <problem>"."""
+
+    def __init__(self, path, problem: str):
+        self.path = os.fspath(path)
+        self.problem = " ".join(str(problem).split())  # one line, whatever the problem text held
+        super().__init__(f"{self.path}: {self.problem}")
+
+
+@dataclass
+class Topic:
+    name: str
+    weight: float
+    keywords: list[str]
+    inputs: list[str]
+    outputs: list[str]
+    slots: dict[str, list[str]]
+    # Templates compiled at load time (see _compile): a tuple of parts per template, so sampling never re-parses.
+    _inputs: list = field(default_factory=list, repr=False, compare=False)
+    _outputs: list = field(default_factory=list, repr=False, compare=False)
+
+
+@dataclass
+class Persona:
+    name: str
+    description: str
+    topics: list[Topic]
+    slots: dict[str, list[str]]
+    path: str
+    _cum_weights: list = field(default_factory=list, repr=False, compare=False)
+
+
+def default_persona_path() -> str:
+    """The shipped guppy persona, installed as package data of guppy.personas."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "personas", "guppy.toml")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# templates: "i want {food}." -> ("i want ", <choices of food>, ".")
+# A compiled template is a tuple whose parts are either literal str or a list of choices (a slot bound to its
+# vocabulary). A choice is a str (plain value) or a tuple of parts (a value with nested placeholders).
+
+def _parse(template: str) -> list:
+    """Split a template into literal strings and slot names (as 1-tuples); raises ValueError on bad braces."""
+    parts, pos = [], 0
+    for m in _TEMPLATE_TOKEN.finditer(template):
+        parts.append(template[pos:m.start()])
+        tok = m.group(0)
+        if tok in ("{{", "}}"):
+            parts.append(tok[0])
+        elif tok == "{":
+            raise ValueError("has a '{' with no closing '}' (write {{ for a literal brace)")
+        elif tok == "}":
+            raise ValueError("has a '}' with no opening '{' (write }} for a literal brace)")
+        elif not _IDENT.match(m.group(1)):
+            raise ValueError(f"has an invalid placeholder {tok} (a slot name is letters, digits and _)")
+        else:
+            parts.append((m.group(1),))
+        pos = m.end()
+    parts.append(template[pos:])
+    return parts
+
+
+def _slot_names(parts) -> list[str]:
+    return [p[0] for p in parts if isinstance(p, tuple)]
+
+
+def _bind(parts, scope: dict) -> tuple:
+    """Replace slot names by the compiled choices in `scope`, merging neighbouring literals."""
+    out = []
+    for p in parts:
+        if isinstance(p, tuple):
+            out.append(scope[p[0]])
+        elif p:
+            if out and isinstance(out[-1], str):
+                out[-1] += p
+            else:
+                out.append(p)
+    return tuple(out)
+
+
+def _fill(parts: tuple, rng: random.Random) -> str:
+    pieces = []
+    for p in parts:
+        if p.__class__ is str:
+            pieces.append(p)
+        else:
+            choice = p[int(rng.random() * len(p))]  # fresh draw for every occurrence
+            pieces.append(choice if choice.__class__ is str else _fill(choice, rng))
+    return " ".join("".join(pieces).split())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading and validation
+
+def _string_list(value, what: str, fail, allow_empty_strings: bool = False) -> list[str]:
+    if not isinstance(value, list):
+        fail(f"{what} must be a list of strings, got {type(value).__name__}")
+    if not value:
+        fail(f"{what} is an empty list")
+    for i, v in enumerate(value):
+        if not isinstance(v, str):
+            fail(f"{what}[{i}] must be a string, got {type(v).__name__} {v!r}")
+        if not allow_empty_strings and not v.strip():
+            fail(f"{what}[{i}] is an empty string")
+    return value
+
+
+def _slot_table(table, what: str, fail) -> dict[str, list[str]]:
+    if not isinstance(table, dict):
+        fail(f"{what} must be a table of name = [values], got {type(table).__name__}")
+    for name, values in table.items():
+        if not _IDENT.match(name):
+            fail(f"{what} has an invalid slot name {name!r} (letters, digits and _)")
+        _string_list(values, f"slot {{{name}}}", fail, allow_empty_strings=True)
+    return table
+
+
+def _compile_slots(raw: dict, outer: dict, fail) -> dict:
+    """Compile slot vocabularies whose values may reference `outer` slots or each other, one level deep.
+
+    Returns name -> list of choices. `outer` is already compiled and holds plain-text choices or nested ones."""
+    parsed = {}
+    for name, values in raw.items():
+        parsed[name] = []
+        for v in values:
+            try:
+                parsed[name].append(_parse(v))
+            except ValueError as e:
+                fail(f"slot {{{name}}} value {v!r} {e}")
+    # A slot is "plain" if none of its values hold a placeholder; only plain slots may be referenced from a value.
+    plain = {n for n, vals in parsed.items() if not any(_slot_names(p) for p in vals)}
+    plain |= {n for n, choices in outer.items() if n not in parsed and all(c.__class__ is str for c in choices)}
+    compiled = {n: c for n, c in outer.items() if n not in parsed}
+    for name in parsed:  # plain local slots first, so nested values can bind to them
+        if name in plain:
+            compiled[name] = ["".join(p) for p in parsed[name]]
+    for name, vals in parsed.items():
+        if name in plain:
+            continue
+        choices = []
+        for p in vals:
+            for ref in _slot_names(p):
+                if ref not in compiled and ref not in parsed:
+                    fail(f"slot {{{name}}} uses slot {{{ref}}} which is not defined")
+                if ref not in plain:
+                    fail(f"slot {{{name}}} uses slot {{{ref}}}, whose values hold placeholders too "
+                         f"(placeholders nest one level deep only)")
+            choices.append(_bind(p, compiled) if _slot_names(p) else "".join(p))
+        compiled[name] = choices
+    return compiled
+
+
+def _compile_templates(templates: list[str], scope: dict, what: str, fail) -> list[tuple]:
+    out = []
+    for i, t in enumerate(templates):
+        try:
+            parts = _parse(t)
+        except ValueError as e:
+            fail(f"{what}[{i}] {t!r} {e}")
+        for ref in _slot_names(parts):
+            if ref not in scope:
+                fail(f"uses slot {{{ref}}} which is not defined (in {what}[{i}] {t!r})")
+        out.append(_bind(parts, scope))
+    return out
+
+
+def load_persona(path: str | os.PathLike | None = None) -> Persona:
+    """Read, validate and compile a persona file (None = the shipped guppy persona). Raises PersonaError."""
+    path = os.fspath(path) if path is not None else default_persona_path()
+
+    def fail(problem):
+        raise PersonaError(path, problem) from None  # the message already says what the cause was
+
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        fail(f"cannot read file ({e.strerror or e})")
+    except UnicodeDecodeError as e:
+        fail(f"not UTF-8 text ({e.reason} at byte {e.start})")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = re.search(r"\s*\(at line (\d+), column (\d+)\)", msg)
+        if m:
+            fail(f"line {m.group(1)}: invalid TOML ({msg[:m.start()]}, column {m.group(2)})")
+        fail(f"invalid TOML ({msg})")
+
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        fail(f"unknown top-level key {unknown[0]!r} (allowed: {', '.join(sorted(_TOP_KEYS))})")
+
+    head = data.get("persona")
+    if not isinstance(head, dict):
+        fail("no [persona] table (it needs at least name = \"...\")")
+    unknown = sorted(set(head) - _PERSONA_KEYS)
+    if unknown:
+        fail(f"[persona] has unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_PERSONA_KEYS))})")
+    name, description = head.get("name"), head.get("description", "")
+    if not isinstance(name, str) or not name.strip():
+        fail("[persona] name must be a non-empty string")
+    if not isinstance(description, str):
+        fail("[persona] description must be a string")
+
+    shared_raw = _slot_table(data.get("slots", {}), "[slots]", fail)
+    shared = _compile_slots(shared_raw, {}, fail)
+
+    raw_topics = data.get("topics")
+    if raw_topics is None or raw_topics == []:
+        fail("no [[topics]]")
+    if not isinstance(raw_topics, list) or not all(isinstance(t, dict) for t in raw_topics):
+        fail("topics must be written as [[topics]] tables")
+
+    topics, seen = [], {}
+    for i, raw in enumerate(raw_topics, start=1):
+        tname = raw.get("name")
+        label = f"topic {tname!r}" if isinstance(tname, str) and tname.strip() else f"topic {i}"
+
+        def tfail(problem, label=label):
+            fail(f"{label} {problem}")
+
+        unknown = sorted(set(raw) - _TOPIC_KEYS)
+        if unknown:
+            tfail(f"has unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_TOPIC_KEYS))})")
+        if not isinstance(tname, str) or not tname.strip():
+            tfail("has no name (name = \"...\" becomes the category)")
+        if tname in seen:
+            fail(f"topics {seen[tname]} and {i} are both named {tname!r} (topic names must be unique)")
+        seen[tname] = i
+        weight = raw.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 < weight < math.inf):
+            tfail(f"weight must be a positive number, got {weight!r}")
+        for key in ("keywords", "inputs", "outputs"):
+            if key not in raw:
+                tfail(f"has no {key}")
+        keywords = _string_list(raw["keywords"], "keywords", tfail)
+        inputs = _string_list(raw["inputs"], "inputs", tfail)
+        outputs = _string_list(raw["outputs"], "outputs", tfail)
+        local_raw = _slot_table(raw.get("slots", {}), "[topics.slots]", tfail)
+        scope = _compile_slots(local_raw, shared, tfail) if local_raw else shared
+        topics.append(Topic(
+            name=tname, weight=float(weight), keywords=list(keywords), inputs=list(inputs), outputs=list(outputs),
+            slots=dict(local_raw),
+            _inputs=_compile_templates(inputs, scope, "inputs", tfail),
+            _outputs=_compile_templates(outputs, scope, "outputs", tfail),
+        ))
+
+    cum, total = [], 0.0
+    for t in topics:
+        total += t.weight
+        cum.append(total)
+    return Persona(name=name, description=description, topics=topics, slots=dict(shared_raw), path=path,
+                   _cum_weights=cum)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sampling
+
+def _pick_topic(persona: Persona, rng: random.Random) -> Topic:
+    cum = persona._cum_weights
+    i = bisect(cum, rng.random() * cum[-1])
+    return persona.topics[min(i, len(cum) - 1)]  # min(): guards float round-off at the very top
+
+
+def sample_conversation(persona: Persona, rng: random.Random) -> dict:
+    """One {"input", "output", "category"} sample: a topic by weight, an input and an output template, fresh fills."""
+    topic = _pick_topic(persona, rng)
+    inp = topic._inputs[int(rng.random() * len(topic._inputs))]
+    out = topic._outputs[int(rng.random() * len(topic._outputs))]
+    return {"input": _fill(inp, rng), "output": _fill(out, rng), "category": topic.name}
+
+
+def generate_dataset(persona: Persona, n_samples: int, seed: int = 1337,
+                     eval_fraction: float = 0.05) -> tuple[list[dict], list[dict], dict]:
+    """Sample (train, eval, stats), deterministic for a seed. No eval (input, output) pair appears in train.
+
+    The eval set is drawn first; train draws that repeat an eval pair are rejected (counted in stats). A persona too
+    small to supply n_train such draws within 50x attempts stops early and says so in stats["train_shortfall"].
+    Duplicates within train are kept: a real persona repeats itself too."""
+    if n_samples < 0:
+        raise ValueError(f"n_samples must be >= 0, got {n_samples}")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    rng = random.Random(seed)
+    n_eval = round(n_samples * eval_fraction)
+    n_train = n_samples - n_eval
+
+    eval_set = [sample_conversation(persona, rng) for _ in range(n_eval)]
+    eval_pairs = {(s["input"], s["output"]) for s in eval_set}
+    train, rejected, attempts = [], 0, 0
+    max_attempts = 50 * n_train
+    while len(train) < n_train and attempts < max_attempts:
+        attempts += 1
+        s = sample_conversation(persona, rng)
+        if (s["input"], s["output"]) in eval_pairs:
+            rejected += 1
+            continue
+        train.append(s)
+
+    both = train + eval_set
+    total = max(len(both), 1)
+    stats = {
+        "n_train": len(train),
+        "n_eval": len(eval_set),
+        "unique_reply_fraction": len({s["output"] for s in both}) / total,
+        "unique_pair_fraction": len({(s["input"], s["output"]) for s in both}) / total,
+        "topics": len(persona.topics),
+        "rejected_for_overlap": rejected,
+        "train_shortfall": n_train - len(train),
+    }
+    return train, eval_set, stats
+
+
+def eval_prompts(persona: Persona, n_per_topic: int = 2, seed: int = 0) -> list[dict]:
+    """Scored prompts for the keyword hit-rate eval: n_per_topic filled inputs per topic, deterministic for a seed.
+
+    Input templates are taken without replacement while they last, so a topic's prompts differ in phrasing."""
+    rng = random.Random(seed)
+    prompts = []
+    for topic in persona.topics:
+        order = []
+        while len(order) < n_per_topic:
+            order += rng.sample(range(len(topic._inputs)), len(topic._inputs))
+        for j in order[:n_per_topic]:
+            prompts.append({"prompt": _fill(topic._inputs[j], rng), "keywords": list(topic.keywords),
+                            "category": topic.name})
+    return prompts
+
+
+if __name__ == "__main__":
+    # python -m guppy.persona [file.toml]: validate a persona and show what it generates.
+    import sys
+    import time
+
+    persona = load_persona(sys.argv[1] if len(sys.argv) > 1 else None)
+    t0 = time.time()
+    train, _, stats = generate_dataset(persona, 60_000)
+    print(f"{persona.path}: {len(persona.topics)} topics, 60,000 samples in {time.time() - t0:.2f}s")
+    print(stats)
+    for s in train[:8]:
+        print(f"[{s['category']}] {s['input']!r} -> {s['output']!r}")
