@@ -75,7 +75,8 @@ def _flatten_optimizer(opt_state: dict):
                 tensors[f"optim.{pid}.{name}"] = v
             else:
                 scalars.setdefault(str(pid), {})[name] = v
-    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+    groups = [{k: (v.item() if torch.is_tensor(v) else v) for k, v in g.items()} for g in opt_state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:

@@ -67,10 +67,31 @@ def param_groups(model, weight_decay: float, decay_all: bool):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model, cfg: TrainConfig, device):
-    kwargs = {"fused": True} if cfg.fused_adamw and device.type == "cuda" else {}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_all), lr=cfg.lr, betas=cfg.betas,
+def uses_cuda_graphs(cfg: TrainConfig, device, world_size: int = 1) -> bool:
+    """Graphs need one static batch shape (packed mode), a CUDA device, and no other wrapper around the step."""
+    return cfg.cuda_graphs and device.type == "cuda" and cfg.batch_mode == "packed" and world_size == 1 \
+        and not cfg.compile
+
+
+def make_optimizer(model, cfg: TrainConfig, device, cuda_graphs: bool = False):
+    """AdamW; torch's fused kernel on CUDA when asked. Inside a CUDA graph the learning rate must live in device
+    memory (a tensor the captured step reads), and the optimizer must be capturable."""
+    kwargs = {}
+    if (cfg.fused_adamw or cuda_graphs) and device.type == "cuda":
+        kwargs["fused"] = True
+    if cuda_graphs:
+        kwargs["capturable"] = True
+    lr = torch.tensor(cfg.lr, device=device) if cuda_graphs else cfg.lr
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_all), lr=lr, betas=cfg.betas,
                              **kwargs)
+
+
+def set_lr(optimizer, lr: float):
+    for g in optimizer.param_groups:
+        if torch.is_tensor(g["lr"]):
+            g["lr"].fill_(lr)  # in place: a captured graph keeps reading this memory
+        else:
+            g["lr"] = lr
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -123,14 +144,14 @@ def evaluate(model, batches, device, amp_dtype=None) -> float:
     total = torch.zeros((), device=device, dtype=torch.float64)
     count = 0
     for b in batches:
+        n = b.n_targets()  # counted on the host copy: no device sync per batch
         b = b.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             _, loss = model(b.idx, b.targets, segment_ids=b.segment_ids, positions=b.positions)
-        n = b.n_targets()
         total += loss.double() * n
         count += n
     model.train(was_training)
-    return float(total) / max(1, count)
+    return float(total) / max(1, count)  # the one sync of the evaluation
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -230,12 +251,16 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
 
     amp_dtype = autocast_dtype(dev)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    optimizer = make_optimizer(model, cfg, dev)
+    graphs = uses_cuda_graphs(cfg, dev, world)
+    optimizer = make_optimizer(model, cfg, dev, cuda_graphs=graphs)
     batcher = Batcher(train_split, cfg.batch_size, model_cfg.max_seq_len, cfg.batch_mode,
                       assistant_only=cfg.loss_on == "assistant", seed=cfg.seed, rank=rank, world_size=world)
     if state is not None:
         if "optimizer" in state:
+            lr_tensors = [g["lr"] for g in optimizer.param_groups]
             optimizer.load_state_dict(state["optimizer"])
+            for g, lr in zip(optimizer.param_groups, lr_tensors):
+                g["lr"] = lr  # keep the device tensor a CUDA graph reads (a float otherwise)
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         batcher.load_state_dict(state["extra"]["data"])
@@ -249,13 +274,19 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if graphs:
+        from .graphs import CudaGraphStep
+        step_fn = CudaGraphStep(train_model, optimizer, scaler, cfg.grad_clip, amp_dtype)
+    else:
+        def step_fn(b):
+            return train_step(train_model, b, optimizer, scaler, cfg.grad_clip, dev, amp_dtype)
 
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=is_main)
     end_step = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
     if is_main:
         log(f"training {model.num_params():,} parameters on {dev} ({amp_dtype or torch.float32}), ops "
             f"{model_cfg.ops}, {cfg.batch_mode} batches of {cfg.batch_size}, steps {start_step} -> {end_step}"
-            + (f", {world} ranks" if world > 1 else ""))
+            + (f", {world} ranks" if world > 1 else "") + (", CUDA graphs" if graphs else ""))
         if batcher.n_truncated:
             log(f"note: {batcher.n_truncated} conversations are longer than max_seq_len={model_cfg.max_seq_len} "
                 "tokens and are cut")
@@ -280,12 +311,10 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
     try:
         while step < end_step:
             lr = lr_at(step, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            set_lr(optimizer, lr)
             batch = batcher.next_batch()
             tokens_window += batch.n_targets()
-            loss = train_step(train_model, batch.to(dev, non_blocking=True), optimizer, scaler, cfg.grad_clip,
-                              dev, amp_dtype)
+            loss = step_fn(batch.to(dev, non_blocking=True))
             loss_sum += loss.float()
             step += 1
             steps_window += 1
@@ -325,6 +354,8 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
 
     summary = {"step": step, "best_eval": best_eval, "last_eval": last_eval, "seconds": time.time() - t_start,
                "interrupted": interrupted, "out_dir": out_dir}
+    if dev.type == "cuda":
+        summary["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     if world > 1 and not interrupted:
         summary["ddp_max_param_difference"] = ddp_max_param_difference(model)
         metrics.write(step=step, ddp_world_size=world, ddp_max_param_difference=summary["ddp_max_param_difference"])
