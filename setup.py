@@ -28,7 +28,7 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton"],
+        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib"],
         "bench": ["pytest-benchmark", "triton", "matplotlib", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": ["guppy=guppy.cli:main"]},

@@ -14,10 +14,22 @@ def main(argv=None):
     s.add_argument("--ops", default="reference")
     s.add_argument("--out", help="result JSON path (default bench/results/step-<device>-<date>.json)")
     s.add_argument("--no-save", action="store_true")
+    s = sub.add_parser("train", help="time to GuppyLM's held-out loss: reference, +compile, +sdpa, guppy-fast")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--runs", default="reference,reference+compile,reference+sdpa,guppy-fast")
+    s.add_argument("--data", help="prepared data folder (default: 60,000 fresh conversations from the fish)")
+    s.add_argument("--max-steps", type=int, help="override every run's step count (quick looks, not results)")
+    s.add_argument("--smoke", action="store_true", help="tiny model, few steps, on the CPU (CI)")
+    s.add_argument("--compile-on-cpu", action="store_true", help="with --smoke, also run reference+compile")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--out", help="result JSON path (default bench/results/<device>-<date>.json; PNG beside it)")
     args = p.parse_args(argv)
     if args.suite == "step":
         from . import step
         step.main(args)
+    elif args.suite == "train":
+        from . import train
+        train.main(args)
 
 
 if __name__ == "__main__":
