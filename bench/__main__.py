@@ -4,7 +4,7 @@ import argparse
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench")
-    sub = p.add_subparsers(dest="suite", required=True)
+    sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("step", help="guppy-9m training step time and tokens/s, pad vs packed")
     s.add_argument("--device", default="auto")
     s.add_argument("--steps", type=int, help="timed steps per mode (default 10 on CPU, 100 on GPU)")
@@ -23,13 +23,14 @@ def main(argv=None):
     s.add_argument("--compile-on-cpu", action="store_true", help="with --smoke, also run reference+compile")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--out", help="result JSON path (default bench/results/<device>-<date>.json; PNG beside it)")
+    s = sub.add_parser("kernels", help="guppy's kernels vs eager, torch.compile, Liger, SDPA (GPU)")
+    s.add_argument("--suite", default="layer_norm,cross_entropy,attention")
+    s.add_argument("--quick", action="store_true", help="only the guppy-9m shapes")
+    s.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="bf16 needs sm_80+; a T4 uses fp16")
+    s.add_argument("--out", help="result JSON path (default bench/results/kernels-<device>-<date>.json)")
     args = p.parse_args(argv)
-    if args.suite == "step":
-        from . import step
-        step.main(args)
-    elif args.suite == "train":
-        from . import train
-        train.main(args)
+    import importlib
+    importlib.import_module(f".{args.command}", __package__).main(args)
 
 
 if __name__ == "__main__":

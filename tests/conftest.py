@@ -1,0 +1,30 @@
+"""Shared test setup for the kernel tests.
+
+Without a CUDA GPU the Triton kernels run on CPU tensors through the interpreter. triton 3.x decides at *decoration*
+time (when `guppy.kernels` is first imported) whether a @triton.jit function is compiled or interpreted, so
+TRITON_INTERPRET must be set before any test module imports the kernels: conftest.py is imported first, so it is set
+here. With a GPU it is left alone and the same tests run on CUDA tensors (plus the `gpu`-marked ones).
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+# bf16 on a GPU only where it is native (T4 = sm_75 emulates it); in the interpreter it works through numpy
+HAS_BF16 = (not HAS_CUDA) or torch.cuda.get_device_capability() >= (8, 0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds under the Triton interpreter")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+
+
+@pytest.fixture
+def device():
+    return DEVICE
