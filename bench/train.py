@@ -157,7 +157,8 @@ def main(args):
               f"{r['final_eval_loss']:11.4f} {r['tokens_per_s']:10,.0f} {f'{mfu:.1%}' if mfu is not None else '-':>7s} "
               f"{mem if mem is not None else '-':>8}")
 
-    out = args.out or os.path.join(RESULTS_DIR, f"{slug(env['device'])}-{env['date']}.json")
+    # a smoke run is a check, not a result: it stays out of bench/results/ proper (smoke/ is git-ignored)
+    out = args.out or os.path.join(RESULTS_DIR, "smoke" if args.smoke else "", f"{slug(env['device'])}-{env['date']}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
