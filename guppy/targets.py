@@ -11,6 +11,7 @@ Protocol (a kernel module plugs in without editing this file). Each module in `M
     num_warps, num_stages
     archs                capabilities on which the launcher can pick this configuration, e.g. (75, 80, 90)
     expect_tensor_cores  {arch: bool}, or None when the kernel has no tl.dot. A given expectation that is not met fails.
+    attrs                optional ASTSource attrs: {(arg index,): [["tt.divisibility", 16]]} as a real launch specialises
 The module's launcher must derive its choice from the same function that `target_configs()` enumerates, so the table
 cannot drift from the dispatcher. Modules that do not import are listed as skipped.
 
@@ -119,7 +120,10 @@ def compile_entry(entry: dict, arch: int) -> dict:
     sig = dict(entry["signature"])
     for k in entry["constexprs"]:
         sig[k] = "constexpr"
-    src = triton.compiler.ASTSource(fn=entry["fn"], signature=sig, constexprs=dict(entry["constexprs"]))
+    # attrs: the specialisations a real launch gets (16-byte aligned pointers, strides divisible by 16); without them
+    # the compile would show unvectorised loads and, on sm_80+, no cp.async pipelining
+    src = triton.compiler.ASTSource(fn=entry["fn"], signature=sig, constexprs=dict(entry["constexprs"]),
+                                    attrs=entry.get("attrs"))
     t0 = time.perf_counter()
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]})
