@@ -26,7 +26,17 @@ def info() -> str:
         lines.append(f"training precision: {'bf16' if cc >= (8, 0) else 'fp16 + GradScaler'} autocast")
     else:
         lines.append("device: CPU only (training precision fp32)")
-    lines.append("op implementations:")
+    notes = {
+        "triton": "Triton kernels on CUDA tensors" + ("" if torch.cuda.is_available() else
+                                                       "; on this CPU only under TRITON_INTERPRET=1 (slow)"),
+        "triton-gemm": "as triton, attention = cuBLAS GEMMs + Triton masked softmax",
+        "csrc": "CUDA C++ mma.sync attention, built at first use (guppy build-ext); CPU tensors run its host "
+                "emulation",
+        "auto": "kernels on CUDA tensors, reference on CPU tensors; attention: csrc on sm_75 if it builds and "
+                "self-checks, else the rule of choose_attention() in kernels/attention.py",
+    }
+    lines.append("op implementations (--ops / ModelConfig.ops):")
     for name, reason in ops.availability().items():
-        lines.append(f"  {name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
+        state = "available" if reason is None else "unavailable: " + reason
+        lines.append(f"  {name:12s} {state}" + (f" - {notes[name]}" if reason is None and name in notes else ""))
     return "\n".join(lines)

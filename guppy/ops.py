@@ -107,20 +107,57 @@ REFERENCE = Ops("reference", layer_norm_reference, attention_reference, cross_en
 SDPA = REFERENCE._replace(name="sdpa", attention=attention_sdpa)
 
 def _triton_ops() -> Ops:
-    """guppy.kernels: Triton LayerNorm (with fused residual), flash attention, cross-entropy and fused LM-head loss."""
+    """guppy.kernels: Triton LayerNorm (with fused residual), FlashAttention-2, and the LM head fused with the loss."""
     from . import kernels  # ImportError when triton is missing: `availability()` reports it
     return Ops("triton", kernels.layer_norm, kernels.attention, kernels.cross_entropy, kernels.linear_cross_entropy,
                fused_lm_head=True)
 
 
+def _triton_gemm_ops() -> Ops:
+    """The Triton kernels, with attention as cuBLAS GEMMs around a fused Triton masked softmax (a T4 candidate)."""
+    from .kernels.masked_softmax import gemm_attention
+    return _triton_ops()._replace(name="triton-gemm", attention=gemm_attention)
+
+
 def _csrc_ops() -> Ops:
-    """guppy.csrc: the CUDA C++ tensor-core attention (T4), the Triton kernels for everything else."""
+    """guppy.csrc: the CUDA C++ tensor-core attention (mma.sync m16n8k8, for the T4); Triton for everything else."""
     from . import csrc
     return _triton_ops()._replace(name="csrc", attention=csrc.attention)
 
 
+_AUTO_ATTENTION: dict = {}
+
+
+def auto_attention_for(device: torch.device) -> tuple[str, Callable]:
+    """The attention `auto` uses on a CUDA device, decided once per device and said in one line.
+
+    sm_75 (T4): the CUDA C++ mma.sync kernel when it builds and passes its self-check; otherwise the Triton file's
+    projected choice for this capability and Triton version (`kernels.attention.choose_attention`; on sm_75 with
+    Triton >= 3.4 tl.dot has no tensor cores, so it names SDPA). sm_80+: Triton FlashAttention-2.
+    """
+    key = str(device)
+    if key not in _AUTO_ATTENTION:
+        import triton
+        from .kernels.attention import choose_attention
+        cc = torch.cuda.get_device_capability(device)
+        choice, why = choose_attention(cc, triton.__version__), ""
+        if cc < (8, 0):
+            from . import csrc
+            ok, reason = csrc.available(device)
+            if ok:
+                choice = "csrc"
+            else:
+                why = f" (guppy.csrc attention unavailable: {reason})"
+        fn = {"csrc": lambda: _csrc_ops().attention, "triton-flash": lambda: _triton_ops().attention,
+              "gemm-softmax": lambda: _triton_gemm_ops().attention, "sdpa": lambda: attention_sdpa}[choice]()
+        print(f"guppy: attention on {torch.cuda.get_device_name(device)} (sm_{cc[0]}{cc[1]}): {choice}{why}")
+        _AUTO_ATTENTION[key] = (choice, fn)
+    return _AUTO_ATTENTION[key]
+
+
 def _auto_ops() -> Ops:
-    """Per call: the Triton kernels on CUDA tensors, the reference on CPU tensors (where Triton needs an interpreter)."""
+    """Per call: the kernels on CUDA tensors (attention by `auto_attention_for`), the reference on CPU tensors, where
+    Triton would need its interpreter."""
     try:
         fast = _triton_ops()
     except ImportError:
@@ -132,7 +169,11 @@ def _auto_ops() -> Ops:
         op.__name__ = f"auto_{ref_fn.__name__}"
         return op
 
-    return Ops("auto", pick(fast.layer_norm, REFERENCE.layer_norm), pick(fast.attention, REFERENCE.attention),
+    def attention(q, *args, **kwargs):
+        fn = auto_attention_for(q.device)[1] if q.is_cuda else attention_reference
+        return fn(q, *args, **kwargs)
+
+    return Ops("auto", pick(fast.layer_norm, REFERENCE.layer_norm), attention,
                pick(fast.cross_entropy, REFERENCE.cross_entropy),
                pick(fast.linear_cross_entropy, REFERENCE.linear_cross_entropy), fused_lm_head=True)
 
@@ -141,6 +182,7 @@ _BUILDERS: dict[str, Callable[[], Ops]] = {
     "reference": lambda: REFERENCE,
     "sdpa": lambda: SDPA,
     "triton": _triton_ops,
+    "triton-gemm": _triton_gemm_ops,
     "csrc": _csrc_ops,
     "auto": _auto_ops,
 }
