@@ -83,29 +83,13 @@ History (what was actually tried; no GPU was available, so no timings yet — a 
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-try:  # shared helpers written alongside (kernels/_utils.py); private equivalents if it is not there yet
-    from ._utils import check_triton_device as _check_device, interpreting as _interpreting
-except ImportError:  # pragma: no cover - depends on the state of the tree
-    def _interpreting() -> bool:
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-    def _check_device(*tensors, op: str):
-        for t in tensors:
-            if t is None:
-                continue
-            if not t.is_cuda and not _interpreting():
-                raise RuntimeError(f"{op}: got a {t.device} tensor; Triton kernels need CUDA tensors "
-                                   f"(or TRITON_INTERPRET=1 for CPU tensors)")
-        devs = {t.device for t in tensors if t is not None}
-        if len(devs) > 1:
-            raise RuntimeError(f"{op}: tensors on different devices: {sorted(map(str, devs))}")
+from ._utils import check_triton_device as _check_device
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
