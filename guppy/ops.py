@@ -148,11 +148,20 @@ def auto_attention_for(device: torch.device) -> tuple[str, Callable]:
                 choice = "csrc"
             else:
                 why = f" (guppy.csrc attention unavailable: {reason})"
-        fn = {"csrc": lambda: _csrc_ops().attention, "triton-flash": lambda: _triton_ops().attention,
+        fn = {"csrc": lambda: _fp16_or(_csrc_ops().attention, attention_sdpa),
+              "triton-flash": lambda: _triton_ops().attention,
               "gemm-softmax": lambda: _triton_gemm_ops().attention, "sdpa": lambda: attention_sdpa}[choice]()
         print(f"guppy: attention on {torch.cuda.get_device_name(device)} (sm_{cc[0]}{cc[1]}): {choice}{why}")
         _AUTO_ATTENTION[key] = (choice, fn)
     return _AUTO_ATTENTION[key]
+
+
+def _fp16_or(fp16_fn, other_fn):
+    """The CUDA C++ kernel takes fp16 only (the T4 has no bf16): fp16 inputs (autocast on a T4) go to it, anything
+    else (an fp32 model run without autocast) to `other_fn`."""
+    def attention(q, *args, **kwargs):
+        return (fp16_fn if q.dtype == torch.float16 else other_fn)(q, *args, **kwargs)
+    return attention
 
 
 def _auto_ops() -> Ops:

@@ -238,9 +238,14 @@ def csrc_rows(archs) -> tuple[list[dict], str | None]:
     if fn is None:
         return [], "guppy.csrc has no target_rows()"
     try:
-        return list(fn(list(archs))), None
+        return list(fn([a for a in archs if a in CSRC_ARCHS])), None
     except Exception as e:
         return [], f"guppy.csrc.target_rows failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
+# The CUDA C++ kernels are the T4's (sm_75) tensor-core path; sm_80 is listed as the next generation that would run
+# them. On sm_90 `auto` never picks them, so their register/spill budget is not held to that arch.
+CSRC_ARCHS = (75, 80)
 
 
 def exit_code(rows: list[dict]) -> int:

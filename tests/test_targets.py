@@ -54,3 +54,26 @@ def test_dot_kind():
 def test_bad_arch_is_a_usage_error():
     assert targets.main(["--arch", "7x"]) == 2
     assert targets.main(["--arch", "12"]) == 2
+
+
+def test_guppy_targets_every_kernel_fits_the_t4(tmp_path):
+    """The command itself, over every kernel module and the CUDA C++ kernels, for sm_75: what would not launch on a
+    T4 (shared memory, registers), an attention kernel expecting tensor cores it does not get, or a csrc kernel that
+    spills or has no HMMA.1688, fails here."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "guppy", "targets", "--arch", "75", "--json", str(out)],
+                       capture_output=True, text=True, timeout=1200, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    kernels = {row["kernel"].split()[0] for row in rows["triton"]}
+    assert {"layer_norm_fwd", "layer_norm_bwd", "cross_entropy_fwd", "attention_fwd", "attention_bwd_dkdv",
+            "attention_bwd_dq", "masked_softmax_fwd", "masked_softmax_bwd"} <= kernels
+    assert all(row["arch"] == 75 and row["fits"] and row["ok"] for row in rows["triton"])
+    # on sm_75 with triton >= 3.4, tl.dot is FMA: the attention rows must say so rather than claim tensor cores
+    assert all(row["dot"] == "FMA" for row in rows["triton"] if row["kernel"].startswith("attention_fwd"))
+    if rows["csrc"]:  # nvcc present: every CUDA C++ attention kernel uses the tensor cores and does not spill
+        assert all(row["hmma"] > 0 and row["spill_bytes"] == 0 and row["ok"] for row in rows["csrc"])
