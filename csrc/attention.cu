@@ -54,8 +54,9 @@
 // Limits: fp16 in/out only; D in {32, 64, 128}; any T >= 1 (tails zero-filled and masked); Tq == Tk; every row must
 // see at least one key (true for causal and/or segment masks, since i sees itself); Q/K/V need a contiguous last
 // dimension and 16-byte aligned rows (strides multiples of 8 elements); O, dO, dQ, dK, dV contiguous. Tile skipping by
-// segment needs segment ids non-decreasing along T (packed rows are; the host checks and passes seg_sorted = 0
-// otherwise, and every tile is then computed with the per-element mask: still exact, just no skipping).
+// segment needs segment ids non-decreasing along T (packed rows are; a device-side check sets the seg_sorted flag
+// the kernels read, 0 otherwise, and every tile is then computed with the per-element mask: still exact, just no
+// skipping). The flag and the dropout seed live in device memory so that no launch waits on the host.
 // Dropout: philox.cuh (Philox4x32-10 on (seed, b, h, i, j), never stored).
 //
 // Version history (no GPU was available while writing these: every timing is pending a T4 run; the numbers below are
@@ -70,6 +71,11 @@
 //       time instead of held as fragments; D=128 backward always two kernels. Zero spills on sm_75 and sm_80 for
 //       every instance. Tried and lost: out-of-line (__noinline__) bodies in attn_bwd_small: ABI stack frames of
 //       320-376 B and new spills at D=64; reverted. Timings pending.
+//   v3 (mainline): the dropout seed and the segments-sorted flag moved from launch arguments into device memory
+//       (GuppyAttnParams.seed / .seg_sorted point at (1,) tensors): the host no longer syncs to check sortedness,
+//       and a captured CUDA graph draws a fresh seed per replay. Keeping the two in the backward's context struct
+//       cost sm_80 spills (bwd_dq D=128 16 B, bwd_small D=64 48 B); reading them where they are used keeps zero
+//       spills on sm_75 and sm_80 (fwd D=64 sm_75: 177 -> 183 registers, still 2 blocks/SM). Timings pending.
 //   Not done: fused single-pass backward with dS^T through shared memory (needs K, V, Q, dO and dS^T tiles at once:
 //       > 64 KB at D >= 64); staging O through shared memory for 128-bit stores (O is written once per row; 32-bit
 //       stores kept); 2 blocks/SM for bwd_dkv at D=128 (K+V tiles alone are 32 KB).
@@ -249,6 +255,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd(const GuppyAttnParams p) {
     const bool drop = p.dropout_p > 0.f;
     const uint32_t thr = guppy_dropout_threshold(p.dropout_p);
     const float dscale = drop ? 1.f / (1.f - p.dropout_p) : 1.f;
+    const unsigned long long seed = drop ? (unsigned long long)*p.seed : 0ull;
+    const bool skip_tiles = seg && *p.seg_sorted;
 
     // Q: global -> shared (through the K buffer) -> A fragments in registers
     load_tile<D, kBM>(sK, Q, p.q_st, q0, T);   // 64 x D fits in sK + sV (2 x BN x D, BN >= 32)
@@ -269,7 +277,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd(const GuppyAttnParams p) {
     zero<D>(o);
 
     for (int n0 = 0; n0 < n_end; n0 += BN) {
-        if (seg && p.seg_sorted) {   // whole tile in other conversations: skip (uniform across the block)
+        if (skip_tiles) {   // whole tile in other conversations: skip (uniform across the block)
             int klo, khi;
             seg_range(seg, n0, BN, T, klo, khi);
             if (khi < qlo || klo > qhi) continue;
@@ -319,8 +327,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd(const GuppyAttnParams p) {
             }
             if (drop) {
                 int col = n0 + 8 * j + 2 * t;
-                unsigned k0 = guppy_keep_row_pair(p.seed, thr, b, h, r0, col);
-                unsigned k1 = guppy_keep_row_pair(p.seed, thr, b, h, r1, col);
+                unsigned k0 = guppy_keep_row_pair(seed, thr, b, h, r0, col);
+                unsigned k1 = guppy_keep_row_pair(seed, thr, b, h, r1, col);
                 s[j][0] = (k0 & 1) ? s[j][0] * dscale : 0.f;
                 s[j][1] = (k0 & 2) ? s[j][1] * dscale : 0.f;
                 s[j][2] = (k1 & 1) ? s[j][2] * dscale : 0.f;
@@ -432,7 +440,7 @@ DEVI void dq_tile(const GuppyAttnParams& p, const BwdCtx& c, int m0, half_t* sme
     zero<D>(dq);
 
     for (int n0 = 0; n0 < n_end; n0 += BN) {
-        if (c.seg && p.seg_sorted) {
+        if (c.seg && *p.seg_sorted) {   // flag read where used: a live register less
             int klo, khi;
             seg_range(c.seg, n0, BN, T, klo, khi);
             if (khi < qlo || klo > qhi) continue;
@@ -450,8 +458,8 @@ DEVI void dq_tile(const GuppyAttnParams& p, const BwdCtx& c, int m0, half_t* sme
             int col0 = n0 + 8 * j + 2 * t;
             unsigned keep[2] = {3u, 3u};
             if (c.drop) {
-                keep[0] = guppy_keep_row_pair(p.seed, c.thr, c.b, c.h, r0, col0);
-                keep[1] = guppy_keep_row_pair(p.seed, c.thr, c.b, c.h, r1, col0);
+                keep[0] = guppy_keep_row_pair((unsigned long long)*p.seed, c.thr, c.b, c.h, r0, col0);
+                keep[1] = guppy_keep_row_pair((unsigned long long)*p.seed, c.thr, c.b, c.h, r1, col0);
             }
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
@@ -495,7 +503,7 @@ DEVI void dkv_tile(const GuppyAttnParams& p, const BwdCtx& c, int n0, half_t* sm
     const int m_begin = p.causal ? (n0 / BQ) * BQ : 0;
 
     for (int m0 = m_begin; m0 < T; m0 += BQ) {
-        if (c.seg && p.seg_sorted) {
+        if (c.seg && *p.seg_sorted) {   // flag read where used: a live register less
             int qlo, qhi;
             seg_range(c.seg, m0, BQ, T, qlo, qhi);
             if (qhi < klo || qlo > khi) continue;
@@ -516,8 +524,8 @@ DEVI void dkv_tile(const GuppyAttnParams& p, const BwdCtx& c, int n0, half_t* sm
             int q0c = m0 + 8 * j + 2 * t;   // this thread's query columns q0c, q0c+1
             unsigned k0 = 3u, k1 = 3u;
             if (c.drop) {
-                k0 = guppy_keep_col_pair(p.seed, c.thr, c.b, c.h, q0c, k0r);   // (q0c, k0r), (q0c+1, k0r)
-                k1 = guppy_keep_col_pair(p.seed, c.thr, c.b, c.h, q0c, k1r);
+                k0 = guppy_keep_col_pair((unsigned long long)*p.seed, c.thr, c.b, c.h, q0c, k0r);   // (q0c, k0r), (q0c+1, k0r)
+                k1 = guppy_keep_col_pair((unsigned long long)*p.seed, c.thr, c.b, c.h, q0c, k1r);
             }
             keepw[j] = k0 | (k1 << 2);
 #pragma unroll

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from ..seeds import dropout_seed_tensor
 from . import extension as _build
 
 _SUPPORTED_D = (32, 64, 128)
@@ -78,14 +79,14 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, seg, seg_sorted, causal, sm_scale, dropout_p, seed):
         mod = _module(q.device)
         o, lse = mod.fwd(q, k, v, seg, seg_sorted, causal, sm_scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, o, lse, seg)
-        ctx.args = (seg_sorted, causal, sm_scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, seg, seg_sorted, seed)
+        ctx.args = (causal, sm_scale, dropout_p)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, seg = ctx.saved_tensors
-        seg_sorted, causal, sm_scale, dropout_p, seed = ctx.args
+        q, k, v, o, lse, seg, seg_sorted, seed = ctx.saved_tensors
+        causal, sm_scale, dropout_p = ctx.args
         mod = _module(q.device)
         do = do.to(torch.float16).contiguous()
         dq, dk, dv = mod.bwd(q, k, v, o, lse, do, seg, seg_sorted, causal, sm_scale, dropout_p, seed)
@@ -97,14 +98,13 @@ def attention(q, k, v, causal=True, sm_scale=None, segment_ids=None, dropout_p=0
     guppy.ops.attention_reference. q, k, v (B, H, T, D) float16; returns (B, H, T, D) float16."""
     _check(q, k, v, segment_ids, dropout_p)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    if dropout_p > 0.0 and dropout_seed is None:
-        dropout_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    seed = int(dropout_seed or 0) & (2**63 - 1)
+    # seed and sortedness flag stay on the device: no host sync per call, and CUDA-graph replays draw fresh seeds
+    seed = dropout_seed_tensor(float(dropout_p), dropout_seed, q.device) & (2**63 - 1)
     q, k, v = (x if _aligned(x) else x.contiguous() for x in (q, k, v))
-    seg, seg_sorted = None, False
+    seg, seg_sorted = None, torch.zeros(1, dtype=torch.int32, device=q.device)
     if segment_ids is not None:
         seg = segment_ids.to(torch.int32).contiguous()
-        seg_sorted = bool((seg[:, 1:] >= seg[:, :-1]).all()) if seg.shape[1] > 1 else True
+        seg_sorted = (seg[:, 1:] >= seg[:, :-1]).all().to(torch.int32).reshape(1)
     if q.shape[2] == 0 or q.shape[0] * q.shape[1] == 0:
         return torch.empty_like(q).requires_grad_(q.requires_grad)
     return _Attention.apply(q, k, v, seg, seg_sorted, bool(causal), sm_scale, float(dropout_p), seed)

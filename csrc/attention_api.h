@@ -9,12 +9,14 @@ struct GuppyAttnParams {
     const void *q, *k, *v;
     long long q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st;
     const int32_t* seg;      // (B, T) segment ids, or null
-    int seg_sorted;          // 1: seg is non-decreasing along T in every row (tile skipping is allowed)
+    const int32_t* seg_sorted; // (1,) flag in device memory: 1 when seg is non-decreasing along T in every row
+                               // (tile skipping is allowed); computed on the device, so the host never syncs
     int B, H, T, D;
     int causal;
     float sm_scale;          // scores = q.k * sm_scale
     float dropout_p;         // 0 disables dropout
-    unsigned long long seed; // Philox key (philox.cuh)
+    const long long* seed;   // (1,) Philox key (philox.cuh) in device memory: read by the kernels, not baked into the
+                             // launch, so a captured CUDA graph draws a fresh mask on every replay
     // forward outputs: o (B, H, T, D) fp16 contiguous, lse (B, H, T) fp32 natural-log log-sum-exp of the scaled scores
     void* o;
     float* lse;

@@ -23,8 +23,8 @@ inline void check_qkv(const at::Tensor& x, const char* name) {
 inline void throw_if(const char* err) { TORCH_CHECK(err == nullptr, "guppy.csrc: ", err ? err : ""); }
 
 inline GuppyAttnParams params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const c10::optional<at::Tensor>& seg, bool seg_sorted, bool causal, double sm_scale,
-                              double dropout_p, int64_t seed) {
+                              const c10::optional<at::Tensor>& seg, const at::Tensor& seg_sorted, bool causal,
+                              double sm_scale, double dropout_p, const at::Tensor& seed) {
     check_qkv(q, "q"); check_qkv(k, "k"); check_qkv(v, "v");
     TORCH_CHECK(q.sizes() == k.sizes() && q.sizes() == v.sizes(), "q, k, v must have the same shape");
     GuppyAttnParams p{};
@@ -38,18 +38,22 @@ inline GuppyAttnParams params(const at::Tensor& q, const at::Tensor& k, const at
                         seg->size(0) == p.B && seg->size(1) == p.T, "segment_ids must be contiguous int32 (B, T)");
         GUPPY_DEVICE_CHECK((*seg));
         p.seg = seg->data_ptr<int32_t>();
-        p.seg_sorted = seg_sorted ? 1 : 0;
     }
+    TORCH_CHECK(seg_sorted.scalar_type() == at::kInt && seg_sorted.numel() == 1, "seg_sorted must be (1,) int32");
+    TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, "seed must be (1,) int64");
+    GUPPY_DEVICE_CHECK(seg_sorted);
+    GUPPY_DEVICE_CHECK(seed);
+    p.seg_sorted = seg_sorted.data_ptr<int32_t>();
+    p.seed = reinterpret_cast<const long long*>(seed.data_ptr<int64_t>());
     p.causal = causal ? 1 : 0;
     p.sm_scale = (float)sm_scale;
     p.dropout_p = (float)dropout_p;
-    p.seed = (unsigned long long)seed;
     return p;
 }
 
 inline std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                   const c10::optional<at::Tensor>& seg, bool seg_sorted, bool causal,
-                                   double sm_scale, double dropout_p, int64_t seed) {
+                                   const c10::optional<at::Tensor>& seg, const at::Tensor& seg_sorted, bool causal,
+                                   double sm_scale, double dropout_p, const at::Tensor& seed) {
     GUPPY_GUARD(q);
     GuppyAttnParams p = params(q, k, v, seg, seg_sorted, causal, sm_scale, dropout_p, seed);
     auto o = at::empty({p.B, p.H, p.T, p.D}, q.options());
@@ -61,8 +65,8 @@ inline std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, con
 
 inline std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& o, const at::Tensor& lse, const at::Tensor& dout,
-                                   const c10::optional<at::Tensor>& seg, bool seg_sorted, bool causal,
-                                   double sm_scale, double dropout_p, int64_t seed) {
+                                   const c10::optional<at::Tensor>& seg, const at::Tensor& seg_sorted, bool causal,
+                                   double sm_scale, double dropout_p, const at::Tensor& seed) {
     GUPPY_GUARD(q);
     GuppyAttnParams p = params(q, k, v, seg, seg_sorted, causal, sm_scale, dropout_p, seed);
     TORCH_CHECK(o.is_contiguous() && dout.is_contiguous() && lse.is_contiguous(), "o, dout, lse must be contiguous");

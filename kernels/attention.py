@@ -89,6 +89,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..seeds import dropout_seed_tensor
 from ._utils import check_triton_device as _check_device
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -124,19 +125,6 @@ def _dropout_mask_kernel(OUT,                    # (B·H, T, T) int8 keep mask, 
         keep = _keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
         msk = (offs_m[:, None] < T) & (offs_n[None, :] < T)
         tl.store(out + offs_m[:, None] * T + offs_n[None, :], keep.to(tl.int8), mask=msk)
-
-
-def dropout_seed_tensor(dropout_p: float, dropout_seed, device) -> torch.Tensor:
-    """The (1,) int64 seed the kernels read. None draws one on `device` with torch's generator for that device: on
-    CUDA this is capturable, so each replay of a CUDA graph draws a fresh seed, and `torch.manual_seed` fixes it.
-    An int or a tensor is used as given (tests regenerate a mask from it)."""
-    if dropout_p == 0.0:
-        return torch.zeros(1, dtype=torch.int64, device=device)
-    if dropout_seed is None:
-        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
-    if isinstance(dropout_seed, torch.Tensor):
-        return dropout_seed.reshape(1).to(device=device, dtype=torch.int64)
-    return torch.tensor([int(dropout_seed)], dtype=torch.int64, device=device)
 
 
 def dropout_mask(seed, B: int, H: int, T: int, p: float, device) -> torch.Tensor:
