@@ -47,13 +47,19 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40]
 
 
-def write_result(kind: str, result: dict, out: str | None = None) -> str:
-    """bench/results/<kind>-<device>-<date>.json unless out is given."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = out or os.path.join(RESULTS_DIR, f"{kind}-{slug(result['device'])}-{result['date']}.json")
+def write_result(result: dict, path: str, plot=None) -> str:
+    """Write result as JSON to path (folders made as needed) and, given a plot function, a PNG beside it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
+    png = plot(result, os.path.splitext(path)[0] + ".png") if plot else None
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
     return path
+
+
+def default_result_path(result: dict, prefix: str = "", subdir: str = "") -> str:
+    """bench/results/[subdir/]<prefix><device>-<date>.json"""
+    return os.path.join(RESULTS_DIR, subdir, f"{prefix}{slug(result['device'])}-{result['date']}.json")
 
 
 def model_flops_per_token(cfg, seq_len: float) -> float:

@@ -13,17 +13,14 @@ Results: bench/results/kernels-<device>-<date>.json (+ a PNG). The same cases ru
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from guppy import ops
 
-from .common import RESULTS_DIR, environment, slug
+from .common import default_result_path, environment, write_result
 
 
 @dataclass
@@ -262,10 +259,5 @@ def main(args):
             print(f"{suite:14s} {case.shape:22s} {case.impl:20s} fwd {row['fwd_ms'][0]:8.3f} ms  "
                   f"bwd {row['bwd_ms'][0]:8.3f} ms  fwd+bwd {row['fwd_bwd_ms'][0]:8.3f} ms  {perf}  "
                   f"peak {row['peak_mem_mb']} MB")
-    out = args.out or os.path.join(RESULTS_DIR, f"kernels-{slug(env['device'])}-{env['date']}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    png = plot(result, os.path.splitext(out)[0] + ".png")
-    print(f"wrote {out}" + (f" and {png}" if png else ""))
+    write_result(result, args.out or default_result_path(result, "kernels-"), plot)
     return result

@@ -19,7 +19,7 @@ from guppy.data import Batcher, load_split, prepare
 from guppy.model import GuppyLM
 from guppy.train import autocast_dtype, make_optimizer, resolve_device, train_step
 
-from .common import environment, model_flops_per_token, peak_tflops, write_result
+from .common import default_result_path, environment, model_flops_per_token, peak_tflops, write_result
 
 
 def sync(dev):
@@ -86,5 +86,5 @@ def main(args):
             print(f"{mode:8s} {ops:10s} {row['ms_per_step']:9.1f} {row['real_tokens_per_step']:14.0f} "
                   f"{row['padding_fraction']:8.1%} {row['real_tokens_per_s']:11,.0f}")
     if not args.no_save:
-        print(f"wrote {write_result('step', result, args.out)}")
+        write_result(result, args.out or default_result_path(result, "step-"))
     return result

@@ -24,7 +24,7 @@ from guppy.config import ModelConfig, TrainConfig, preset
 from guppy.data import prepare
 from guppy.train import train, uses_cuda_graphs
 
-from .common import environment, model_flops_per_token, peak_tflops, slug, RESULTS_DIR
+from .common import default_result_path, environment, model_flops_per_token, peak_tflops, slug, write_result
 
 RUNS = ("reference", "reference+compile", "reference+sdpa", "guppy-fast")
 SCHEMA_RUN_KEYS = ("name", "seconds_to_target", "target_eval_loss", "final_eval_loss", "tokens_per_s", "mfu",
@@ -158,10 +158,5 @@ def main(args):
               f"{mem if mem is not None else '-':>8}")
 
     # a smoke run is a check, not a result: it stays out of bench/results/ proper (smoke/ is git-ignored)
-    out = args.out or os.path.join(RESULTS_DIR, "smoke" if args.smoke else "", f"{slug(env['device'])}-{env['date']}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    png = plot(result, os.path.splitext(out)[0] + ".png")
-    print(f"wrote {out}" + (f" and {png}" if png else ""))
+    write_result(result, args.out or default_result_path(result, subdir="smoke" if args.smoke else ""), plot)
     return result

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 
+from ..targets import find_cuda_tool
 from .extension import HERE, cache_root, file_lock, source_hash
 
 THREADS = 128
@@ -39,24 +39,6 @@ def _tiles(D: int) -> dict:
     return {"fwd": 2 * fbn * D * half, "bwd_dq": dq, "bwd_dkv": dkv, "bwd_small": max(dq, dkv),
             "tiles": {"fwd": f"64 queries x {fbn} keys", "bwd_dq": f"64 queries x {bn} keys",
                       "bwd_dkv": f"64 keys x {bq} queries", "bwd_small": f"dkv 64x{bq}, dq 64x{bn}"}}
-
-
-def _tool(name: str) -> str | None:
-    path = shutil.which(name)
-    if path:
-        return path
-    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", "/usr/local"):
-        if base and os.path.exists(os.path.join(base, "bin", name)):
-            return os.path.join(base, "bin", name)
-    if name == "cuobjdump":
-        try:
-            import triton
-            p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-            if os.path.exists(p):
-                return p
-        except ImportError:
-            pass
-    return None
 
 
 _NAME = re.compile(r"attn_(fwd|bwd_dq|bwd_dkv|bwd_small)ILi(\d+)E")
@@ -148,7 +130,7 @@ def _rows_for_arch(arch, ptxas, sass) -> list[dict]:
 def target_rows(archs=(75, 80), use_cache: bool = True) -> list[dict]:
     """One row per (kernel instance, arch). Raises RuntimeError when nvcc or cuobjdump is missing or fails."""
     archs = tuple(int(a) for a in archs)
-    nvcc, cuobjdump = _tool("nvcc"), _tool("cuobjdump")
+    nvcc, cuobjdump = find_cuda_tool("nvcc"), find_cuda_tool("cuobjdump")
     if nvcc is None:
         raise RuntimeError("target_rows needs nvcc (CUDA toolkit) on PATH or in $CUDA_HOME/bin")
     if cuobjdump is None:

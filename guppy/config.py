@@ -6,7 +6,7 @@ Presets are plain dicts of overrides so that a reader sees in one place what eac
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass

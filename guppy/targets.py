@@ -83,20 +83,28 @@ def _is_compilable(fn) -> bool:
     return isinstance(fn, JITFunction)
 
 
-def _cuobjdump() -> str | None:
+def find_cuda_tool(name: str) -> str | None:
+    """nvcc / cuobjdump / ptxas: on PATH, under CUDA_HOME or /usr/local/cuda, or (cuobjdump, ptxas) the copies that
+    triton's wheel ships in triton/backends/nvidia/bin/."""
+    path = shutil.which(name)
+    if path:
+        return path
+    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", "/usr/local"):
+        if base and os.path.exists(os.path.join(base, "bin", name)):
+            return os.path.join(base, "bin", name)
     try:
         import triton
-        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        if os.path.exists(path):
-            return path
+        p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if os.path.exists(p):
+            return p
     except ImportError:
         pass
-    return shutil.which("cuobjdump")
+    return None
 
 
 def resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
     """(registers per thread, local bytes per thread) of the cubin's kernel, or (None, None) without cuobjdump."""
-    tool = _cuobjdump()
+    tool = find_cuda_tool("cuobjdump")
     if tool is None or not cubin:
         return None, None
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(rows)} compiles in {elapsed:.1f} s")
     for name, reason in skipped:
         print(f"  skipped {name}: {reason}")
-    if _cuobjdump() is None:
+    if find_cuda_tool("cuobjdump") is None:
         print("  registers and spills: not available (no cuobjdump; triton's metadata has no n_regs before loading)")
     for arch in archs:
         arch_rows = [r for r in rows if r["arch"] == arch]

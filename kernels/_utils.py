@@ -57,3 +57,16 @@ def num_programs_cap(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: each program instance costs ~1.5 ms of Python; keep the grid tiny
+
+
+def distinct_configs(config_for, sizes) -> list[dict]:
+    """The distinct launch configurations `config_for(size)` returns over `sizes`, in order: what a launcher can
+    pick, for `guppy targets`."""
+    out, seen = [], set()
+    for n in sizes:
+        cfg = config_for(n)
+        key = tuple(sorted(cfg.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(cfg)
+    return out

@@ -83,7 +83,6 @@ History (what was actually tried; no GPU was available, so no timings yet — a 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton

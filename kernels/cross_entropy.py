@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_float_dtype, check_triton_device, next_power_of_2
+from ._utils import check_float_dtype, check_triton_device, distinct_configs, next_power_of_2
 
 _OP = "guppy.kernels.cross_entropy"
 _OP_LINEAR = "guppy.kernels.linear_cross_entropy"
@@ -142,15 +142,7 @@ def _config_for(V: int) -> dict:
 
 
 def reachable_configs() -> list[dict]:
-    out, seen, v = [], set(), 1
-    while v <= 2 * MAX_BLOCK_V:
-        cfg = _config_for(v)
-        key = tuple(sorted(cfg.items()))
-        if key not in seen:
-            seen.add(key)
-            out.append(cfg)
-        v *= 2
-    return out
+    return distinct_configs(_config_for, (2 ** i for i in range((2 * MAX_BLOCK_V).bit_length())))
 
 
 def target_configs() -> list[dict]:

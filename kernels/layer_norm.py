@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_float_dtype, check_triton_device, next_power_of_2, num_programs_cap
+from ._utils import check_float_dtype, check_triton_device, distinct_configs, next_power_of_2, num_programs_cap
 
 MAX_N = 8192
 _OP = "guppy.kernels.layer_norm"
@@ -176,16 +176,7 @@ def _config_for(N: int) -> dict:
 
 def reachable_configs() -> list[dict]:
     """Every configuration `_config_for` can return for N in 1..MAX_N (one per power of two)."""
-    out, seen = [], set()
-    n = 1
-    while n <= MAX_N:
-        cfg = _config_for(n)
-        key = tuple(sorted(cfg.items()))
-        if key not in seen:
-            seen.add(key)
-            out.append(cfg)
-        n *= 2
-    return out
+    return distinct_configs(_config_for, (2 ** i for i in range(MAX_N.bit_length())))
 
 
 def target_configs() -> list[dict]:

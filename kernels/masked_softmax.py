@@ -37,7 +37,7 @@ import triton.language as tl
 
 from ..seeds import dropout_seed_tensor
 from ._utils import check_triton_device
-from .attention import LOG2E, _DTYPES, _TRITON_PTR, _arch_class, _device_arch, _keep, _validate
+from .attention import LOG2E, _TRITON_PTR, _arch_class, _device_arch, _keep, _validate
 
 __all__ = ["gemm_attention"]
 

@@ -156,8 +156,8 @@ def test_cuda_build_matches_host_build_bitwise_layouts():
 
 
 def _have_nvcc():
-    from guppy.csrc import targets
-    return targets._tool("nvcc") is not None and targets._tool("cuobjdump") is not None
+    from guppy.targets import find_cuda_tool
+    return find_cuda_tool("nvcc") is not None and find_cuda_tool("cuobjdump") is not None
 
 
 @pytest.mark.skipif(not _have_nvcc(), reason="needs nvcc and cuobjdump (no GPU needed)")
