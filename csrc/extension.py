@@ -76,8 +76,11 @@ def load(device: str = "cpu", verbose: bool = False, cuda_device=None):
             raise RuntimeError("no CUDA device (torch.cuda.is_available() is False)")
         if cpp_extension.CUDA_HOME is None:
             raise RuntimeError("no CUDA toolkit found (CUDA_HOME unset and no nvcc), or torch is a CPU build")
-        arch = cuda_arch(cuda_device)
-        key = f"cuda-{source_hash()}-{_torch_tag()}-sm{arch}"
+        # GUPPY_CSRC_ARCH=75 on a newer GPU builds the T4 code as compute_75 PTX, which the driver JIT-compiles:
+        # how an H100 runs (and sanity-checks) exactly the sm_75 kernels
+        arch = int(os.environ.get("GUPPY_CSRC_ARCH") or cuda_arch(cuda_device))
+        ptx_only = arch < cuda_arch(cuda_device)
+        key = f"cuda-{source_hash()}-{_torch_tag()}-sm{arch}" + ("-ptx" if ptx_only else "")
     else:
         key = f"host-{source_hash()}-{_torch_tag()}"
     with _LOCK:
@@ -99,7 +102,8 @@ def load(device: str = "cpu", verbose: bool = False, cuda_device=None):
                     sources=[os.path.join(HERE, "attention_cuda.cpp"), os.path.join(HERE, "attention.cu"),
                              os.path.join(HERE, "emu_tests.cu")],
                     extra_cflags=["-O2", "-std=c++17"],
-                    extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+                    extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code="
+                                       + (f"compute_{arch}" if ptx_only else f"sm_{arch}")],
                     **common)
             else:
                 mod = cpp_extension.load(sources=[os.path.join(HERE, "attention_host.cpp")],
@@ -112,4 +116,6 @@ def load(device: str = "cpu", verbose: bool = False, cuda_device=None):
 
 def build(device: str = "cuda", verbose: bool = False):
     """Build ahead of time (`guppy build-ext`). Returns the module."""
-    return load(device, verbose=verbose)
+    mod = load(device, verbose=verbose)
+    print(f"guppy.csrc: the {device} attention extension is ready ({os.path.dirname(mod.__file__)})")
+    return mod

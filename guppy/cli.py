@@ -89,7 +89,12 @@ def cmd_build_ext(a):
         build = csrc.build
     except (ImportError, AttributeError) as e:
         raise GuppyError(f"the CUDA C++ extension is not part of this install ({e})") from None
-    build(device=a.device, verbose=a.verbose)
+    try:
+        build(device=a.device, verbose=a.verbose)
+    except RuntimeError as e:  # no GPU, no toolkit, or a compiler error: say it in one line
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        hint = " (guppy build-ext --device cpu builds the host emulation)" if a.device == "cuda" else ""
+        raise GuppyError(f"could not build the {a.device} extension: {lines[-1] if lines else e}{hint}") from None
 
 
 def build_parser():

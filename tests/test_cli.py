@@ -103,3 +103,10 @@ def test_failed_commands_keep_existing_work(trained):
     assert {n: os.path.getmtime(os.path.join(data, n)) for n in os.listdir(data)} == before
     assert_user_error(guppy("train", "--data", data, "--out", run, "--preset", "tiny", "--device", "cpu"),
                       "pass --resume")
+
+
+def test_build_ext_without_cuda_is_a_one_line_error():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the build would run")
+    assert_user_error(guppy("build-ext"), "could not build the cuda extension", "--device cpu")
