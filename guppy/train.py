@@ -10,6 +10,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 
 import torch
@@ -195,6 +197,27 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+class _StopAtStepBoundary:
+    """Ctrl-C during training finishes the step under way, so the checkpoint saved on the way out is a consistent
+    one (weights, optimiser, data position and step count agree) and --resume continues exactly. A second Ctrl-C
+    interrupts at once."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig, device: str = "auto",
           resume: bool = False, stop_at_step: int | None = None, progress: bool = True, log=print) -> dict:
     """Train a GuppyLM on a prepared data folder, writing checkpoints and metrics.jsonl into out_dir.
@@ -311,8 +334,9 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
     last_eval = None
     interrupted = False
     model.train()
+    stop = _StopAtStepBoundary()
     try:
-        while step < end_step:
+        while step < end_step and not stop.requested:
             lr = lr_at(step, cfg)
             set_lr(optimizer, lr)
             batch = batcher.next_batch()
@@ -346,12 +370,15 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
                     save(step, pointers=("best", "latest"))
             if step % cfg.save_every == 0 or step == end_step:
                 save(step)
+        if stop.requested:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
         if is_main:
             log(f"\ninterrupted at step {step}: saving a checkpoint before exiting")
         save(step)
     finally:
+        stop.restore()
         if bar is not None:
             bar.close()
 

@@ -110,3 +110,28 @@ def test_build_ext_without_cuda_is_a_one_line_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the build would run")
     assert_user_error(guppy("build-ext"), "could not build the cuda extension", "--device cpu")
+
+
+def test_ctrl_c_saves_a_checkpoint_before_exiting(trained, tmp_path):
+    """SIGINT mid-run: the trainer saves where it is and exits 130; --resume then carries on from that step."""
+    import json
+    import signal
+    import time
+    _, data, _ = trained
+    run = str(tmp_path / "interrupted")
+    proc = subprocess.Popen([sys.executable, "-m", "guppy", "train", "--data", data, "--out", run, "--preset",
+                             "tiny", "--device", "cpu", "--max-steps", "100000", "--save-every", "100000",
+                             "--eval-every", "100000", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(run, "metrics.jsonl")) and time.time() < deadline:
+        time.sleep(0.2)  # wait until training is under way
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "saving a checkpoint" in out
+    step = json.load(open(os.path.join(run, "latest.json")))["step"]
+    assert 0 < step < 100000
+    r = guppy("train", "--data", data, "--out", run, "--preset", "tiny", "--device", "cpu", "--max-steps",
+              str(step + 2), "--resume", "--quiet")
+    assert r.returncode == 0 and f"steps {step} -> {step + 2}" in r.stdout, r.stderr
