@@ -283,8 +283,9 @@ def conversation_targets(conv: np.ndarray, prompt_len: int, assistant_only: bool
 class Batcher:
     """Deterministic batches over a split, resumable from (epoch, cursor).
 
-    Each epoch visits the conversations in a permutation drawn from (seed, epoch). Under DDP, rank r of w takes
-    batches r, r+w, r+2w, ... of the same stream, so ranks see disjoint data.
+    Each epoch visits the conversations in a permutation drawn from (seed, epoch). Under DDP, rank r of w walks
+    every w-th conversation of that permutation, starting at r: the ranks see disjoint data, and each builds only its
+    own batches.
     """
 
     def __init__(self, split: Split, batch_size: int, max_seq_len: int, mode: str = "pad", assistant_only=False,
@@ -308,8 +309,8 @@ class Batcher:
     def _permutation(self):
         if self._order is None:
             n = len(self.split)
-            self._order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle
-                           else np.arange(n))
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order = order[self.rank::self.world_size]
         return self._order
 
     def _next_conversation(self) -> int:
@@ -370,13 +371,7 @@ class Batcher:
                      torch.from_numpy(positions))
 
     def next_batch(self) -> Batch:
-        make = self._pad_batch if self.mode == "pad" else self._packed_batch
-        for _ in range(self.rank):
-            make()
-        batch = make()
-        for _ in range(self.world_size - 1 - self.rank):
-            make()
-        return batch
+        return self._pad_batch() if self.mode == "pad" else self._packed_batch()
 
 
 def eval_batches(split: Split, batch_size: int, max_seq_len: int, max_batches: int = 0, assistant_only=False):
