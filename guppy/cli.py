@@ -20,8 +20,10 @@ def cmd_prepare(a):
 
 def cmd_train(a):
     from .config import preset
-    from .train import train
+    from .train import saved_train_config, train
     model_cfg, cfg = preset(a.preset)
+    if a.resume:  # a resumed run keeps its own recipe; only the options given here change it
+        cfg = saved_train_config(a.out)
     overrides = {k: getattr(a, k) for k in ("max_steps", "batch_size", "lr", "batch_mode", "loss_on", "eval_every",
                                             "save_every", "log_every", "seed") if getattr(a, k) is not None}
     for k, v in overrides.items():
@@ -31,7 +33,6 @@ def cmd_train(a):
     if a.compile:
         cfg.compile = True
     if a.ops:
-        model_cfg.ops = a.ops
         from .ops import get_ops
         try:
             get_ops(a.ops)
@@ -41,7 +42,7 @@ def cmd_train(a):
         raise GuppyError(f"--batch-mode must be pad or packed, got {cfg.batch_mode!r}")
     try:
         train(a.data, a.out, model_cfg, cfg, device=a.device, resume=a.resume, stop_at_step=a.stop_at_step,
-              progress=not a.quiet)
+              progress=not a.quiet, ops=a.ops)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -118,7 +119,9 @@ def build_parser():
     s.add_argument("--out", required=True, help="run folder for checkpoints and metrics.jsonl")
     s.add_argument("--preset", default="guppy-9m", help=f"one of: {', '.join(PRESETS)}")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly where it stopped, with its own settings (options given "
+                        "here, e.g. --max-steps, override them)")
     s.add_argument("--max-steps", type=int)
     s.add_argument("--stop-at-step", type=int, help="save and stop at this step, keeping the max-steps schedule")
     s.add_argument("--batch-size", type=int)

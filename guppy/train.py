@@ -197,6 +197,15 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def saved_train_config(out_dir: str) -> TrainConfig:
+    """The TrainConfig of the run in out_dir (its latest checkpoint): the base a resume starts from."""
+    pointer = ckpt_lib.read_pointer(out_dir, "latest")
+    if pointer is None:
+        raise GuppyError(f"{out_dir}: nothing to resume (no latest.json); start without --resume")
+    state, _ = ckpt_lib.load_training_state(os.path.join(out_dir, pointer["checkpoint"]))
+    return TrainConfig.from_dict(state["train_config"])
+
+
 class _StopAtStepBoundary:
     """Ctrl-C during training finishes the step under way, so the checkpoint saved on the way out is a consistent
     one (weights, optimiser, data position and step count agree) and --resume continues exactly. A second Ctrl-C
@@ -219,13 +228,24 @@ class _StopAtStepBoundary:
 
 
 def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig, device: str = "auto",
-          resume: bool = False, stop_at_step: int | None = None, progress: bool = True, log=print) -> dict:
+          resume: bool = False, stop_at_step: int | None = None, progress: bool = True, log=print,
+          ops: str | None = None) -> dict:
     """Train a GuppyLM on a prepared data folder, writing checkpoints and metrics.jsonl into out_dir.
 
     resume: continue from out_dir's latest checkpoint exactly (model, optimiser, scaler, RNG and data position).
+        The run's own model config, ops included, come from the checkpoint; `ops` overrides them.
     stop_at_step: save and stop there, keeping the schedule of max_steps (train in pieces; resume later).
+    ops: an op implementation (guppy/ops.py) to use instead of model_cfg's / the checkpoint's.
     Returns a summary dict.
     """
+    if resume:
+        pointer = ckpt_lib.read_pointer(out_dir, "latest")
+        if pointer is None:
+            raise GuppyError(f"{out_dir}: nothing to resume (no latest.json); start without --resume")
+        with open(os.path.join(out_dir, pointer["checkpoint"], "config.json")) as f:
+            model_cfg = ModelConfig.from_dict(json.load(f))
+    if ops is not None:
+        model_cfg.ops = ops
     rank, world, local_rank = ddp_setup(device)
     dev = resolve_device(device)
     if dev.type == "cuda" and world > 1:
@@ -248,9 +268,6 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
 
     start_step, best_eval, state = 0, float("inf"), None
     if resume:
-        pointer = ckpt_lib.read_pointer(out_dir, "latest")
-        if pointer is None:
-            raise GuppyError(f"{out_dir}: nothing to resume (no latest.json); start without --resume")
         ckpt_dir = os.path.join(out_dir, pointer["checkpoint"])
         model, _ = ckpt_lib.load_model(ckpt_dir, ops=model_cfg.ops)
         model_cfg = model.config

@@ -52,6 +52,9 @@ def test_end_to_end(trained):
     r = guppy("train", "--data", data, "--out", run, "--preset", "tiny", "--device", "cpu", "--max-steps", "14",
               "--resume", "--quiet")
     assert r.returncode == 0 and "steps 12 -> 14" in r.stdout, r.stderr
+    # without --preset/--max-steps a resume keeps the run's own recipe (not guppy-9m's 10,000 steps): nothing to do
+    r = guppy("train", "--data", data, "--out", run, "--device", "cpu", "--resume", "--quiet")
+    assert r.returncode == 0 and "steps 14 -> 14" in r.stdout and "2 layers" not in r.stdout, r.stderr
 
 
 def test_missing_and_empty_data_dir(tmp_path):

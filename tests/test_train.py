@@ -131,13 +131,18 @@ def test_checkpoint_survives_kill_9(tmp_path):
 
 
 def test_ddp_two_gloo_ranks_agree(data_dir, tmp_path):
+    import socket
+    with socket.socket() as s:  # a port nothing else holds (a fixed one can collide with a lingering socket)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     run = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "--master_addr=127.0.0.1",
            "-m", "guppy", "train", "--data", data_dir, "--out", run, "--preset", "tiny", "--device", "cpu",
            "--max-steps", "6", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rec = [m for m in metrics(run) if "ddp_world_size" in m]
     assert rec and rec[0]["ddp_world_size"] == 2 and rec[0]["ddp_max_param_difference"] == 0.0
     # both ranks trained: tokens/s counts the two ranks' tokens, and the run finished all steps
