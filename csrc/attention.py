@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from ..ops import check_attention_args
 from ..seeds import dropout_seed_tensor
 from . import extension as _build
 
@@ -49,29 +50,11 @@ def _aligned(x: torch.Tensor) -> bool:
 
 
 def _check(q, k, v, segment_ids, dropout_p):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"guppy.csrc.attention: {name} must be a (B, H, T, D) tensor")
-        if x.dtype != torch.float16:
-            raise TypeError(f"guppy.csrc.attention takes float16 q, k, v; {name} is {x.dtype} (cast with .half())")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"guppy.csrc.attention: q, k, v must have one shape (Tq == Tk); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"guppy.csrc.attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    check_attention_args("guppy.csrc.attention", q, k, v, segment_ids, dropout_p)
+    if q.dtype != torch.float16:
+        raise TypeError(f"guppy.csrc.attention takes float16 q, k, v; got {q.dtype} (cast with .half())")
     if q.shape[-1] not in _SUPPORTED_D:
         raise ValueError(f"guppy.csrc.attention: head dim D={q.shape[-1]} is not supported (D in {_SUPPORTED_D})")
-    if segment_ids is not None:
-        B, _, T, _ = q.shape
-        if (not isinstance(segment_ids, torch.Tensor) or tuple(segment_ids.shape) != (B, T)
-                or segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool):
-            got = tuple(segment_ids.shape) if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
-            raise ValueError(f"guppy.csrc.attention: segment_ids must be an integer (B, T) = ({B}, {T}) tensor; "
-                             f"got {got}")
-        if segment_ids.device != q.device:
-            raise ValueError(f"guppy.csrc.attention: segment_ids on {segment_ids.device}, q on {q.device}")
-    if not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"guppy.csrc.attention: dropout_p must be in [0, 1); got {dropout_p}")
 
 
 class _Attention(torch.autograd.Function):

@@ -50,6 +50,35 @@ def attention_mask(t_q: int, t_k: int, causal: bool, segment_ids=None, device=No
     return allowed
 
 
+def check_attention_args(op: str, q, k, v, segment_ids=None, dropout_p=0.0):
+    """The contract every fused attention implementation shares, with one clear error naming `op`: q, k, v tensors
+    of one (B, H, T, D) shape, dtype and device (Tq == Tk: decoding with a KV cache stays on the reference);
+    segment_ids an integer (B, T) tensor on that device; 0 <= dropout_p < 1."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be (B, H, T, D), got shape {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"{op}: q, k, v must have one shape (B, H, T, D); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} (Tq != Tk / KV-cache decoding is not supported)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{op}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{op}: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    if segment_ids is not None:
+        B, _, T, _ = q.shape
+        if not isinstance(segment_ids, torch.Tensor) or segment_ids.shape != (B, T):
+            got = tuple(segment_ids.shape) if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
+            raise ValueError(f"{op}: segment_ids must be (B, T) = ({B}, {T}), got {got}")
+        if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
+            raise TypeError(f"{op}: segment_ids must be an integer tensor, got {segment_ids.dtype}")
+        if segment_ids.device != q.device:
+            raise ValueError(f"{op}: segment_ids on {segment_ids.device}, q on {q.device}")
+
+
 def attention_reference(q, k, v, causal=True, sm_scale=None, segment_ids=None, dropout_p=0.0):
     """softmax(q kᵀ · sm_scale + mask) with dropout on the probabilities, times v. GuppyLM's masked-softmax attention.
 

@@ -88,6 +88,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import check_attention_args
 from ..seeds import dropout_seed_tensor
 from ._utils import check_triton_device as _check_device
 
@@ -591,16 +592,7 @@ def _unit_d(t: torch.Tensor) -> torch.Tensor:
 
 
 def _validate(q, k, v, segment_ids, dropout_p):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"attention: {name} must be (B, H, T, D), got shape {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"attention: q, k, v must have one shape (B, H, T, D); got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)} (Tq != Tk / KV-cache decoding is not supported)")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    check_attention_args("attention", q, k, v, segment_ids, dropout_p)
     if q.dtype not in _DTYPES:
         raise TypeError(f"attention: dtype {q.dtype} not supported; use float16, bfloat16 or float32")
     B, H, T, D = q.shape
@@ -610,16 +602,6 @@ def _validate(q, k, v, segment_ids, dropout_p):
         raise ValueError(f"attention: empty input of shape {tuple(q.shape)}")
     if B * H >= 65536:
         raise ValueError(f"attention: B·H = {B * H} exceeds the grid limit 65535")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
-    if segment_ids is not None:
-        if not isinstance(segment_ids, torch.Tensor) or segment_ids.shape != (B, T):
-            shape = tuple(segment_ids.shape) if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
-            raise ValueError(f"attention: segment_ids must be (B, T) = ({B}, {T}), got {shape}")
-        if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
-            raise TypeError(f"attention: segment_ids must be an integer tensor, got {segment_ids.dtype}")
-        if segment_ids.device != q.device:
-            raise ValueError(f"attention: segment_ids on {segment_ids.device}, q on {q.device}")
     _check_device(q, k, v, segment_ids, op="attention")
 
 
