@@ -1,4 +1,4 @@
-"""python -m bench {step,train,kernels}: guppy's benchmark suites. Results go to bench/results/ as JSON."""
+"""python -m bench {step,train,kernels,reference-curve}: guppy's benchmark suites. Results go to bench/results/ as JSON."""
 import argparse
 
 
@@ -28,9 +28,19 @@ def main(argv=None):
     s.add_argument("--quick", action="store_true", help="only the guppy-9m shapes")
     s.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="bf16 needs sm_80+; a T4 uses fp16")
     s.add_argument("--out", help="result JSON path (default bench/results/kernels-<device>-<date>.json)")
+    s = sub.add_parser("reference-curve", help="GuppyLM's recipe to its end: eval loss vs conversations (the target)")
+    s.add_argument("--preset", default="guppy-9m")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--data", help="prepared data folder (default: 60,000 fresh conversations from the fish, seed 1337)")
+    s.add_argument("--samples", type=int, default=60_000)
+    s.add_argument("--eval-every", type=int, default=200)
+    s.add_argument("--max-steps", type=int, help="stop early (a quick look, not the reference)")
+    s.add_argument("--work", help="folder for the data and the run (default: a temporary folder)")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--out", help="result JSON (default bench/results/reference-curve-<preset>-<device>-<date>.json)")
     args = p.parse_args(argv)
     import importlib
-    importlib.import_module(f".{args.command}", __package__).main(args)
+    importlib.import_module(f".{args.command.replace('-', '_')}", __package__).main(args)
 
 
 if __name__ == "__main__":
