@@ -262,10 +262,12 @@ class Batch:
     targets: torch.Tensor                      # (B, T) next-token ids, IGNORE where no loss is taken
     segment_ids: torch.Tensor | None = None    # (B, T) packed mode: which conversation each token belongs to
     positions: torch.Tensor | None = None      # (B, T) packed mode: position within its conversation
+    n_conversations: int = 0                   # whole conversations in the batch (counted on the host)
 
     def to(self, device, non_blocking=False):
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
-        return Batch(move(self.idx), move(self.targets), move(self.segment_ids), move(self.positions))
+        return Batch(move(self.idx), move(self.targets), move(self.segment_ids), move(self.positions),
+                     self.n_conversations)
 
     def n_targets(self) -> int:
         return int((self.targets != IGNORE).sum())
@@ -342,7 +344,7 @@ class Batcher:
         for i, (conv, tgt) in enumerate(convs):
             n = min(len(conv) - 1, T)
             idx[i, :n], targets[i, :n] = conv[:n], tgt[:n]
-        return Batch(torch.from_numpy(idx), torch.from_numpy(targets))
+        return Batch(torch.from_numpy(idx), torch.from_numpy(targets), n_conversations=len(convs))
 
     def _packed_batch(self) -> Batch:
         B, T = self.batch_size, self.max_seq_len
@@ -368,7 +370,7 @@ class Batcher:
         for r in range(B):  # the unused tail of a row is its own segment, so it attends only to itself
             segment_ids[r, fill[r]:] = n_segments[r]
         return Batch(torch.from_numpy(idx), torch.from_numpy(targets), torch.from_numpy(segment_ids),
-                     torch.from_numpy(positions))
+                     torch.from_numpy(positions), n_conversations=int(n_segments.sum()))
 
     def next_batch(self) -> Batch:
         return self._pad_batch() if self.mode == "pad" else self._packed_batch()

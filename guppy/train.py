@@ -188,6 +188,13 @@ def ddp_max_param_difference(model) -> float:
 # The loop
 # --------------------------------------------------------------------------------------------------------------------
 class MetricsLog:
+    """RUN/metrics.jsonl, one JSON object per line. Every line has `step`; the others carry what was measured:
+    train_loss, lr, tokens_per_s (a log window); eval_loss (an eval); setup_s (once per process: from the start of
+    train() to the end of its first optimizer step, builds, JIT compiles and graph capture included).
+    `elapsed` is seconds since train() started, evals included and checkpoint writes excluded, so that runs that
+    save differently compare. `conversations` and `tokens` count the data seen since the run began (whole
+    conversations, and tokens that carry loss), summed over ranks; they survive a resume."""
+
     def __init__(self, path, enabled=True):
         self.path, self.enabled = path, enabled
 
@@ -238,6 +245,7 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
     ops: an op implementation (guppy/ops.py) to use instead of model_cfg's / the checkpoint's.
     Returns a summary dict.
     """
+    t_begin = time.perf_counter()
     if resume:
         pointer = ckpt_lib.read_pointer(out_dir, "latest")
         if pointer is None:
@@ -296,6 +304,7 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     graphs = uses_cuda_graphs(cfg, dev, world)
     optimizer = make_optimizer(model, cfg, dev, cuda_graphs=graphs)
+    seen = {"conversations": 0, "tokens": 0}   # data seen since the run began (all ranks)
     batcher = Batcher(train_split, cfg.batch_size, model_cfg.max_seq_len, cfg.batch_mode,
                       assistant_only=cfg.loss_on == "assistant", seed=cfg.seed, rank=rank, world_size=world)
     if state is not None:
@@ -307,6 +316,7 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         batcher.load_state_dict(state["extra"]["data"])
+        seen.update(state["extra"].get("seen", {}))
         set_rng_state(state["rng"], dev)
     evals = (eval_batches(eval_split, cfg.batch_size, model_cfg.max_seq_len, cfg.eval_batches,
                           assistant_only=cfg.loss_on == "assistant") if eval_split is not None else [])
@@ -334,18 +344,26 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
             log(f"note: {batcher.n_truncated} conversations are longer than max_seq_len={model_cfg.max_seq_len} "
                 "tokens and are cut")
 
+    save_seconds = 0.0   # time spent writing checkpoints: kept out of `elapsed`
+
+    def elapsed() -> float:
+        return time.perf_counter() - t_begin - save_seconds
+
     def save(step, pointers=("latest",)):
+        nonlocal save_seconds
         if is_main:
+            t = time.perf_counter()
             ckpt_lib.save_checkpoint(out_dir, step, model, model_cfg, cfg, optimizer, scaler, rng_state(dev),
-                                     extra={"best_eval": best_eval, "data": batcher.state_dict()},
+                                     extra={"best_eval": best_eval, "data": batcher.state_dict(), "seen": dict(seen)},
                                      pointers=pointers)
+            save_seconds += time.perf_counter() - t
 
     bar = None
     if is_main and progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=end_step, initial=start_step, unit="step", dynamic_ncols=True, leave=True)
 
-    step, t_start = start_step, time.time()
+    step, setup_s = start_step, None
     loss_sum = torch.zeros((), device=dev)
     tokens_window, steps_window, t_window = 0, 0, time.time()
     last_eval = None
@@ -357,18 +375,26 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
             lr = lr_at(step, cfg)
             set_lr(optimizer, lr)
             batch = batcher.next_batch()
-            tokens_window += batch.n_targets()
+            n_tokens = batch.n_targets()
+            tokens_window += n_tokens
+            seen["conversations"] += batch.n_conversations * world
+            seen["tokens"] += n_tokens * world
             loss = step_fn(batch.to(dev, non_blocking=True))
             loss_sum += loss.float()
             step += 1
             steps_window += 1
+            if setup_s is None:  # the first step of this process ends its one-time costs
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                setup_s = elapsed()
+                metrics.write(step=step, setup_s=round(setup_s, 3))
 
             if step % cfg.log_every == 0 or step == end_step:
                 train_loss = float(loss_sum) / steps_window  # the one host sync of this window
                 dt = time.time() - t_window
                 tok_s = tokens_window * world / max(dt, 1e-9)
                 metrics.write(step=step, train_loss=train_loss, lr=lr, tokens_per_s=round(tok_s, 1),
-                              elapsed=round(time.time() - t_start, 3))
+                              elapsed=round(elapsed(), 3), **seen)
                 if bar is not None:
                     bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}",
                                     eval=f"{last_eval:.4f}" if last_eval is not None else "-", refresh=False)
@@ -382,7 +408,7 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
                 last_eval = evaluate(model, evals, dev, amp_dtype)
                 improved = last_eval < best_eval
                 best_eval = min(best_eval, last_eval)
-                metrics.write(step=step, eval_loss=last_eval, elapsed=round(time.time() - t_start, 3))
+                metrics.write(step=step, eval_loss=last_eval, elapsed=round(elapsed(), 3), **seen)
                 if improved:
                     save(step, pointers=("best", "latest"))
             if step % cfg.save_every == 0 or step == end_step:
@@ -399,8 +425,8 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
         if bar is not None:
             bar.close()
 
-    summary = {"step": step, "best_eval": best_eval, "last_eval": last_eval, "seconds": time.time() - t_start,
-               "interrupted": interrupted, "out_dir": out_dir}
+    summary = {"step": step, "best_eval": best_eval, "last_eval": last_eval, "seconds": elapsed(),
+               "setup_s": setup_s, "save_s": save_seconds, "interrupted": interrupted, "out_dir": out_dir, **seen}
     if dev.type == "cuda":
         summary["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     if world > 1 and not interrupted:

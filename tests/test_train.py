@@ -49,6 +49,44 @@ def test_loss_decreases(data_dir, tmp_path):
     assert read_pointer(str(tmp_path / "run"), "best")["step"] == 60
 
 
+def test_metrics_count_data_seen_and_keep_saves_out_of_elapsed(data_dir, tmp_path, monkeypatch):
+    """conversations/tokens count what the batches held, carry over a resume, and `elapsed` skips checkpoint writes."""
+    import guppy.checkpoint as ckpt_lib
+    from guppy.data import Batcher, load_split
+
+    real_save = ckpt_lib.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        time.sleep(0.5)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt_lib, "save_checkpoint", slow_save)
+    cfg = lambda: TrainConfig(batch_size=8, max_steps=12, warmup_steps=2, eval_every=4, eval_batches=1, log_every=4,
+                              save_every=2, batch_mode="packed")
+    run, mc = str(tmp_path / "run"), lambda: ModelConfig(**{**MINI, "max_seq_len": 128})
+    train(data_dir, run, mc(), cfg(), device="cpu", stop_at_step=8, progress=False, log=quiet)
+    wall = time.perf_counter()
+    summary = train(data_dir, run, mc(), cfg(), device="cpu", resume=True, progress=False, log=quiet)
+    wall = time.perf_counter() - wall
+
+    batcher = Batcher(load_split(data_dir, "train"), 8, 128, "packed", seed=cfg().seed)
+    expected = {"conversations": 0, "tokens": 0}
+    by_step = {}
+    for step in range(1, 13):
+        b = batcher.next_batch()
+        expected["conversations"] += int(((b.positions == 0) & (b.idx != 0)).sum())  # each starts at position 0
+        expected["tokens"] += b.n_targets()
+        by_step[step] = dict(expected)
+    assert by_step[12]["conversations"] > 1.5 * 12 * 8  # packed rows of 128 hold several conversations each
+    logged = [m for m in metrics(run) if "train_loss" in m]
+    for m in logged:
+        assert (m["conversations"], m["tokens"]) == (by_step[m["step"]]["conversations"], by_step[m["step"]]["tokens"])
+    assert (summary["conversations"], summary["tokens"]) == (by_step[12]["conversations"], by_step[12]["tokens"])
+    # the resumed process saved at least twice (steps 10 and 12), 0.5 s each, and none of it counts in elapsed
+    assert summary["save_s"] >= 1.0 and wall - summary["seconds"] >= summary["save_s"]
+    assert [m["setup_s"] for m in metrics(run) if "setup_s" in m] and summary["setup_s"] <= summary["seconds"]
+
+
 @pytest.mark.parametrize("mode", ["pad", "packed"])
 def test_resume_is_exact(data_dir, tmp_path, mode):
     """Stopping at step 7 and resuming gives the same losses and weights as never stopping (dropout on)."""
