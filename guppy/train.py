@@ -236,13 +236,16 @@ class _StopAtStepBoundary:
 
 def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig, device: str = "auto",
           resume: bool = False, stop_at_step: int | None = None, progress: bool = True, log=print,
-          ops: str | None = None) -> dict:
+          ops: str | None = None, on_eval=None) -> dict:
     """Train a GuppyLM on a prepared data folder, writing checkpoints and metrics.jsonl into out_dir.
 
     resume: continue from out_dir's latest checkpoint exactly (model, optimiser, scaler, RNG and data position).
         The run's own model config, ops included, come from the checkpoint; `ops` overrides them.
     stop_at_step: save and stop there, keeping the schedule of max_steps (train in pieces; resume later).
     ops: an op implementation (guppy/ops.py) to use instead of model_cfg's / the checkpoint's.
+    on_eval: called with each eval's metrics record (step, eval_loss, elapsed, conversations, tokens); a true
+        return ends the run there, as a normal finish with its checkpoint saved (the recipe sweep stops a variant
+        once it reaches the target this way).
     Returns a summary dict.
     """
     t_begin = time.perf_counter()
@@ -367,11 +370,11 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
     loss_sum = torch.zeros((), device=dev)
     tokens_window, steps_window, t_window = 0, 0, time.time()
     last_eval = None
-    interrupted = False
+    interrupted, stop_requested_by_eval = False, False
     model.train()
     stop = _StopAtStepBoundary()
     try:
-        while step < end_step and not stop.requested:
+        while step < end_step and not stop.requested and not stop_requested_by_eval:
             lr = lr_at(step, cfg)
             set_lr(optimizer, lr)
             batch = batcher.next_batch()
@@ -408,10 +411,13 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
                 last_eval = evaluate(model, evals, dev, amp_dtype)
                 improved = last_eval < best_eval
                 best_eval = min(best_eval, last_eval)
-                metrics.write(step=step, eval_loss=last_eval, elapsed=round(elapsed(), 3), **seen)
+                record = dict(step=step, eval_loss=last_eval, elapsed=round(elapsed(), 3), **seen)
+                metrics.write(**record)
                 if improved:
                     save(step, pointers=("best", "latest"))
-            if step % cfg.save_every == 0 or step == end_step:
+                if on_eval is not None and on_eval(record):
+                    stop_requested_by_eval = True
+            if step % cfg.save_every == 0 or step == end_step or stop_requested_by_eval:
                 save(step)
         if stop.requested:
             raise KeyboardInterrupt

@@ -87,6 +87,23 @@ def test_metrics_count_data_seen_and_keep_saves_out_of_elapsed(data_dir, tmp_pat
     assert [m["setup_s"] for m in metrics(run) if "setup_s" in m] and summary["setup_s"] <= summary["seconds"]
 
 
+def test_on_eval_can_end_the_run_with_a_checkpoint(data_dir, tmp_path):
+    seen = []
+
+    def stop_at_second_eval(record):
+        seen.append(record)
+        return len(seen) == 2
+
+    run = str(tmp_path / "run")
+    cfg = TrainConfig(batch_size=8, max_steps=40, warmup_steps=2, eval_every=5, eval_batches=1, log_every=5,
+                      save_every=100)
+    summary = train(data_dir, run, ModelConfig(**MINI), cfg, device="cpu", progress=False, log=quiet,
+                    on_eval=stop_at_second_eval)
+    assert [r["step"] for r in seen] == [5, 10] and summary["step"] == 10 and not summary["interrupted"]
+    assert read_pointer(run, "latest")["step"] == 10
+    assert seen[1]["eval_loss"] == [m for m in metrics(run) if "eval_loss" in m][-1]["eval_loss"]
+
+
 @pytest.mark.parametrize("mode", ["pad", "packed"])
 def test_resume_is_exact(data_dir, tmp_path, mode):
     """Stopping at step 7 and resuming gives the same losses and weights as never stopping (dropout on)."""
