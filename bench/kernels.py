@@ -6,7 +6,7 @@ Every case is timed with `triton.testing.do_bench` (CUDA events, warm-up, median
 forward, the backward and both. Memory-bound ops report GB/s over the fewest bytes the op must move (written out in
 `bytes_*` below) against a measured device-to-device copy bandwidth; attention reports TFLOPS with the causal FLOP
 count (half of 4·B·H·T²·D forward, 2.5x that backward). Peak memory is torch.cuda.max_memory_allocated over one
-fwd+bwd. The references are the same functions the tests use (guppy/ops.py).
+fwd+bwd. The references are the same functions the tests use (guppy/reference.py).
 
 Results: bench/results/kernels-<device>-<date>.json (+ a PNG). The same cases run under pytest-benchmark with
 `pytest bench/test_kernels.py` (GPU only).
@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from guppy import ops
+from guppy import reference
+from guppy.ops import get_ops
 
 from .common import default_result_path, environment, write_result
 
@@ -49,9 +50,9 @@ def _liger(name):
 
 def layer_norm_cases(dtype, quick):
     shapes = [(4096, 384)] if quick else [(4096, 384), (65536, 384), (8192, 4096)]
-    impls = {"eager": ops.layer_norm_reference,
-             "compile": torch.compile(ops.layer_norm_reference, dynamic=False),
-             "ours": lambda *a, **k: __import__("guppy.kernels", fromlist=["layer_norm"]).layer_norm(*a, **k)}
+    impls = {"eager": reference.layer_norm_reference,
+             "compile": torch.compile(reference.layer_norm_reference, dynamic=False),
+             "ours": lambda *a, **k: get_ops("triton").layer_norm(*a, **k)}
     liger = _liger("liger_layer_norm")
     if liger is not None:
         impls["liger"] = lambda x, w, b, eps: liger(x, w, b, eps)
@@ -69,10 +70,9 @@ def layer_norm_cases(dtype, quick):
 
 def cross_entropy_cases(dtype, quick):
     shapes = [(4096, 4096)] if quick else [(4096, 4096), (8192, 4096), (8192, 32000)]
-    from guppy import kernels
-    impls = {"eager": ops.cross_entropy_reference,
-             "compile": torch.compile(ops.cross_entropy_reference, dynamic=False),
-             "ours": kernels.cross_entropy}
+    impls = {"eager": reference.cross_entropy_reference,
+             "compile": torch.compile(reference.cross_entropy_reference, dynamic=False),
+             "ours": get_ops("triton").cross_entropy}
     liger = _liger("liger_cross_entropy")
     if liger is not None:
         impls["liger"] = lambda z, t: liger(z, t)
@@ -90,21 +90,19 @@ def cross_entropy_cases(dtype, quick):
 
 def attention_cases(dtype, quick):
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from guppy import kernels
     shapes = [(32, 6, 128, 64)] if quick else [(32, 6, 128, 64), (8, 6, 512, 64), (2, 6, 2048, 64)]
 
     def sdpa_with(backend):
         def fn(q, k, v, **kw):
             with sdpa_kernel([backend]):
-                return ops.attention_sdpa(q, k, v, **kw)
+                return reference.attention_sdpa(q, k, v, **kw)
         return fn
 
-    impls = {"naive": ops.attention_reference, "ours-flash": kernels.attention,
+    impls = {"naive": reference.attention_reference, "ours-triton": get_ops("triton").attention,
              "sdpa-flash": sdpa_with(SDPBackend.FLASH_ATTENTION),
              "sdpa-efficient": sdpa_with(SDPBackend.EFFICIENT_ATTENTION),
              "sdpa-cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION)}
-    if hasattr(kernels, "gemm_attention"):
-        impls["ours-gemm-softmax"] = kernels.gemm_attention
+    impls["ours-gemm-softmax"] = get_ops("gemm-softmax").attention
     try:
         from guppy import csrc
         impls["ours-csrc"] = csrc.attention
@@ -115,7 +113,7 @@ def attention_cases(dtype, quick):
             variants = dict(impls)
             if packed:  # several conversations per row: flash/efficient/cudnn cannot take the mask -> explicit mask
                 variants = {k: v for k, v in impls.items() if not k.startswith("sdpa-")}
-                variants["sdpa-explicit-mask"] = ops.attention_sdpa
+                variants["sdpa-explicit-mask"] = reference.attention_sdpa
                 if _flex_available():
                     variants["flex-document-mask"] = "flex"
             for name, fn in variants.items():

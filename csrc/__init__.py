@@ -9,9 +9,9 @@
 Kernel source: attention.cu (header: math, tiling, fragment layouts, limits, history). CPU tensors run the same
 source compiled by g++ on the emulator in cuda_emu.h.
 """
-from .attention import attention, dropout_mask
-from .extension import build, load, source_hash
-from .check import available
-from .targets import target_rows
+from guppy.csrc.attention import attention, dropout_mask
+from guppy.csrc.check import available
+from guppy.csrc.extension import build, load, source_hash
+from guppy.csrc.targets import target_rows
 
 __all__ = ["attention", "available", "build", "dropout_mask", "load", "source_hash", "target_rows"]

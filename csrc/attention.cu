@@ -5,7 +5,7 @@
 //   device check:  nvcc -cubin -arch=sm_75 -Xptxas -v -Icsrc csrc/attention.cu
 //   host build:    attention_host.cpp includes cuda_emu.h and this file (g++ -O2 -std=c++20); see cuda_emu.h
 //
-// Spec: guppy.ops.attention_reference. With S = Q K^T * sm_scale, masked where i may not see j
+// Spec: guppy.reference.attention_reference. With S = Q K^T * sm_scale, masked where i may not see j
 // (j > i if causal; seg[i] != seg[j]; j >= T), P = softmax(S), Z the dropout keep mask, Pd = Z o P / (1 - p):
 //   O = Pd V,   lse_i = log sum_j exp(S_ij)                                   (forward)
 //   dV = Pd^T dO,   dP = Z o (dO V^T) / (1 - p),   Delta_i = rowsum(dO o O)_i = sum_j P_ij dP_ij,

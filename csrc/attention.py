@@ -1,6 +1,6 @@
 """guppy.csrc.attention: the CUDA C++ tensor-core attention (csrc/attention.cu) as a torch.autograd.Function.
 
-Spec: guppy.ops.attention_reference. CUDA tensors run the nvcc build; CPU tensors run the very same kernel source
+Spec: guppy.reference.attention_reference. CUDA tensors run the nvcc build; CPU tensors run the very same kernel source
 compiled for the host by g++ on the CUDA emulator (cuda_emu.h) -- slow, exact in layout, meant for tests.
 
 Inputs: q, k, v (B, H, T, D) float16 on one device, D in {32, 64, 128}, any T >= 1. Other dtypes are rejected
@@ -17,9 +17,9 @@ import math
 
 import torch
 
-from ..ops import check_attention_args
-from ..seeds import dropout_seed_tensor
-from . import extension as _build
+from guppy.csrc import extension as _build
+from guppy.reference import check_attention_args
+from guppy.seeds import dropout_seed_tensor
 
 _SUPPORTED_D = (32, 64, 128)
 
@@ -36,7 +36,7 @@ def _module(device: torch.device):
     key = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
     state = _VERIFIED.get(key)
     if state is None:
-        from .check import available
+        from guppy.csrc.check import available
         _VERIFIED[key] = "checking"          # the self-check itself calls attention() on this device
         ok, reason = available(key)
         _VERIFIED[key] = state = "ok" if ok else reason
@@ -78,7 +78,7 @@ class _Attention(torch.autograd.Function):
 
 def attention(q, k, v, causal=True, sm_scale=None, segment_ids=None, dropout_p=0.0, dropout_seed=None):
     """softmax(q kᵀ · sm_scale + mask) with dropout on the probabilities, times v; same semantics as
-    guppy.ops.attention_reference. q, k, v (B, H, T, D) float16; returns (B, H, T, D) float16."""
+    guppy.reference.attention_reference. q, k, v (B, H, T, D) float16; returns (B, H, T, D) float16."""
     _check(q, k, v, segment_ids, dropout_p)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     # seed and sortedness flag stay on the device: no host sync per call, and CUDA-graph replays draw fresh seeds

@@ -1,7 +1,7 @@
 """guppy.csrc.available(device): can guppy.csrc.attention run here? Never raises.
 
 "cpu": the host (emulator) build compiles and loads. "cuda": a CUDA device exists, the nvcc build compiles for its
-arch, and a self-check (forward and gradients on a small causal packed input vs guppy.ops.attention_reference in
+arch, and a self-check (forward and gradients on a small causal packed input vs guppy.reference.attention_reference in
 fp32) passes. The answer is cached per device for the process, so the ops seam's "auto" can ask on every call.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ _CACHE: dict[str, tuple[bool, str]] = {}
 
 def _self_check(device) -> str | None:
     import torch
-    from ..ops import attention_reference
-    from .attention import attention
+    from guppy.csrc.attention import attention
+    from guppy.reference import attention_reference
     g = torch.Generator().manual_seed(0)
     B, H, T, D = 2, 2, 80, 64
     q, k, v = (torch.randn(B, H, T, D, generator=g).half().to(device) for _ in range(3))
@@ -42,7 +42,7 @@ def available(device="cuda") -> tuple[bool, str]:
     if key in _CACHE:
         return _CACHE[key]
     try:
-        from . import extension as _build
+        from guppy.csrc import extension as _build
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 res = (False, "no CUDA device available")

@@ -19,8 +19,8 @@ import re
 import subprocess
 import tempfile
 
-from ..targets import find_cuda_tool
-from .extension import HERE, cache_root, file_lock, source_hash
+from guppy.csrc.extension import HERE, cache_root, file_lock, source_hash
+from guppy.targets import find_cuda_tool
 
 THREADS = 128
 _SMEM_PER_BLOCK = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}

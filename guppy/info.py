@@ -29,7 +29,7 @@ def info() -> str:
     notes = {
         "triton": "Triton kernels on CUDA tensors" + ("" if torch.cuda.is_available() else
                                                        "; on this CPU only under TRITON_INTERPRET=1 (slow)"),
-        "triton-gemm": "as triton, attention = cuBLAS GEMMs + Triton masked softmax",
+        "gemm-softmax": "as triton, attention = cuBLAS GEMMs + Triton masked softmax",
         "csrc": "CUDA C++ mma.sync attention, built at first use (guppy build-ext); CPU tensors run its host "
                 "emulation",
         "auto": "kernels on CUDA tensors, reference on CPU tensors; attention: csrc on sm_75 if it builds and "

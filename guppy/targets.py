@@ -44,7 +44,7 @@ import tempfile
 import time
 
 MODULES = ["guppy.kernels.layer_norm", "guppy.kernels.cross_entropy", "guppy.kernels.attention",
-           "guppy.kernels.masked_softmax"]
+           "guppy.kernels.gemm_softmax"]
 DEFAULT_ARCHS = (75, 80, 90)
 # per-block shared memory maximum (opt-in), bytes
 SHARED_LIMIT = {70: 96 * 1024, 75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,

@@ -262,7 +262,7 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local_rank)
     is_main = rank == 0
-    if model_cfg.ops in ("triton", "triton-gemm", "csrc") and dev.type == "cpu" \
+    if model_cfg.ops in ("triton", "gemm-softmax", "csrc") and dev.type == "cpu" \
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise GuppyError(f"--ops {model_cfg.ops} runs Triton kernels, which need a CUDA GPU (or TRITON_INTERPRET=1 "
                          "to interpret them on the CPU, slowly); use --ops auto or reference here")

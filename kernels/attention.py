@@ -1,6 +1,6 @@
 """FlashAttention-2 in Triton: forward and backward, causal, packed segments, in-kernel Philox dropout.
 
-Computes `guppy.ops.attention_reference` (the specification):
+Computes `guppy.reference.attention_reference` (the specification):
 
     O = dropout(softmax(Q Kᵀ · sm_scale + mask)) V,      Q, K, V, O: (B, H, T, D)
 
@@ -88,9 +88,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import check_attention_args
-from ..seeds import dropout_seed_tensor
-from ._utils import check_triton_device as _check_device
+from guppy.kernels._utils import check_triton_device as _check_device
+from guppy.reference import check_attention_args
+from guppy.seeds import dropout_seed_tensor
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -693,10 +693,11 @@ def attention(q, k, v, causal=True, sm_scale=None, segment_ids=None, dropout_p=0
 # Which attention on which GPU (projected; see notes/attention.md — unmeasured on a T4)
 # ====================================================================================================================
 def choose_attention(device_capability: tuple, triton_version: str) -> str:
-    """"triton-flash", "gemm-softmax" or "sdpa" for a GPU of this compute capability under this Triton version.
+    """"triton", "gemm-softmax" or "sdpa" (names in guppy.ops) for a GPU of this compute capability under this Triton
+    version.
 
-    sm_80+: "triton-flash" (mma.sync / wgmma tensor cores, O(T) memory, segment blocks skipped).
-    sm_75 with triton 3.1/3.2 (tl.dot -> mma.sync m16n8k8): "triton-flash".
+    sm_80+: "triton" (FlashAttention-2; mma.sync / wgmma tensor cores, O(T) memory, segment blocks skipped).
+    sm_75 with triton 3.1/3.2 (tl.dot -> mma.sync m16n8k8): "triton".
     sm_75 with triton 3.3 (tl.dot f16 fails to compile) or >= 3.4 (tl.dot -> fp32 FMA, ~8x less peak): "sdpa"
     (the memory-efficient CUTLASS backend keeps tensor cores and O(T) memory; projection in notes/attention.md).
     Older than sm_75: "sdpa".
@@ -704,7 +705,7 @@ def choose_attention(device_capability: tuple, triton_version: str) -> str:
     cap = tuple(device_capability)
     ver = tuple(int(x) for x in triton_version.split("+")[0].split(".")[:2] if x.isdigit())
     if cap >= (8, 0):
-        return "triton-flash"
+        return "triton"
     if cap >= (7, 5):
-        return "triton-flash" if (3, 1) <= ver < (3, 3) else "sdpa"
+        return "triton" if (3, 1) <= ver < (3, 3) else "sdpa"
     return "sdpa"

@@ -1,5 +1,5 @@
-"""Cross-entropy over a vocabulary, and the LM head fused with it. Specs: `guppy.ops.cross_entropy_reference` and
-`guppy.ops.linear_cross_entropy_reference`.
+"""Cross-entropy over a vocabulary, and the LM head fused with it. Specs: `guppy.reference.cross_entropy_reference` and
+`guppy.reference.linear_cross_entropy_reference`.
 
 What it computes (per row i with target t ≠ ignore_index; z = logits_i, V classes, smoothing ε)
     lse  = log Σ_j exp(z_j)
@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_float_dtype, check_triton_device, distinct_configs, next_power_of_2
+from guppy.kernels._utils import check_float_dtype, check_triton_device, distinct_configs, next_power_of_2
 
 _OP = "guppy.kernels.cross_entropy"
 _OP_LINEAR = "guppy.kernels.linear_cross_entropy"

@@ -1,4 +1,4 @@
-"""LayerNorm over the last dimension, with an optional fused residual add. Spec: `guppy.ops.layer_norm_reference`.
+"""LayerNorm over the last dimension, with an optional fused residual add. Spec: `guppy.reference.layer_norm_reference`.
 
 What it computes
     Without residual:  y = (x - mean) * rstd * w + b
@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_float_dtype, check_triton_device, distinct_configs, next_power_of_2, num_programs_cap
+from guppy.kernels._utils import check_float_dtype, check_triton_device, distinct_configs, next_power_of_2, num_programs_cap
 
 MAX_N = 8192
 _OP = "guppy.kernels.layer_norm"
@@ -334,6 +334,6 @@ class LayerNormFunction(torch.autograd.Function):
 def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     """F.layer_norm over the last dim; with `residual`, returns (layer_norm(x + residual), x + residual).
 
-    Same signature and semantics as `guppy.ops.layer_norm_reference`; see the file header for dtypes and limits.
+    Same signature and semantics as `guppy.reference.layer_norm_reference`; see the file header for dtypes and limits.
     """
     return LayerNormFunction.apply(x, weight, bias, eps, residual)

@@ -1,4 +1,4 @@
-"""guppy.kernels.attention (Triton FlashAttention-2) against the specification, guppy.ops.attention_reference / SDPA.
+"""guppy.kernels.attention (Triton FlashAttention-2) against the specification, guppy.reference.attention_reference / SDPA.
 
 CPU (CI): the kernels run under TRITON_INTERPRET=1 on tiny B, H. The shape grid is pairwise, not a cartesian product:
 every T in {1, 17, 64, 127, 129}, every D in {16, 32, 64, 128} (+ a non-power-of-two 48), both causal settings, both
@@ -24,6 +24,7 @@ if not torch.cuda.is_available():  # must precede the first import of guppy.kern
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import guppy.ops as gops  # noqa: E402
+from guppy.reference import attention_mask  # noqa: E402
 
 A = importlib.import_module("guppy.kernels.attention")  # the module (guppy.kernels.attention is the function)
 attention, dropout_mask = A.attention, A.dropout_mask
@@ -50,7 +51,7 @@ def reference(q, k, v, causal, seg, keep=None, p=0.0, dtype=torch.float32):
     """The specification in `dtype`: softmax(masked scores) [* keep / (1-p)] @ v, via SDPA's math when no dropout."""
     q, k, v = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
     T = q.shape[-2]
-    mask = gops.attention_mask(T, T, causal, seg, q.device)
+    mask = attention_mask(T, T, causal, seg, q.device)
     if keep is None:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
@@ -136,7 +137,7 @@ def test_lse_is_logsumexp():
     seg, sb, has = A._seg_arg(seg_ids, q)
     o, lse = A.attention_forward(q, k, v, True, 1 / math.sqrt(D), seg, sb, has, 0.0, A.dropout_seed_tensor(0.0, None, q.device))
     s = (q @ k.transpose(-2, -1)) / math.sqrt(D)
-    s = s.masked_fill(~gops.attention_mask(T, T, True, seg_ids), float("-inf"))
+    s = s.masked_fill(~attention_mask(T, T, True, seg_ids), float("-inf"))
     torch.testing.assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
 
 
@@ -273,10 +274,10 @@ def test_config_table_covers_dispatcher():
 
 
 def test_choose_attention():
-    assert A.choose_attention((8, 0), "3.6.0") == "triton-flash"
-    assert A.choose_attention((9, 0), "3.9.0") == "triton-flash"
+    assert A.choose_attention((8, 0), "3.6.0") == "triton"
+    assert A.choose_attention((9, 0), "3.9.0") == "triton"
     assert A.choose_attention((7, 5), "3.6.0") == "sdpa"
-    assert A.choose_attention((7, 5), "3.2.0") == "triton-flash"
+    assert A.choose_attention((7, 5), "3.2.0") == "triton"
     assert A.choose_attention((7, 0), "3.2.0") == "sdpa"
 
 

@@ -10,6 +10,7 @@ import torch
 
 from conftest import DEVICE
 import guppy.ops
+import guppy.reference
 from guppy.config import ModelConfig
 from guppy.model import GuppyLM
 
@@ -46,8 +47,8 @@ def test_triton_ops_train_like_the_reference():
     ref = GuppyLM(cfg).to(DEVICE)
     fast = copy.deepcopy(ref)
     ref.ops = guppy.ops.get_ops("reference")
-    fast.ops = guppy.ops.get_ops("triton")._replace(attention=guppy.ops.attention_reference)
-    assert fast.ops.fused_lm_head and fast.ops.layer_norm is not guppy.ops.layer_norm_reference
+    fast.ops = guppy.ops.get_ops("triton")._replace(attention=guppy.reference.attention_reference)
+    assert fast.ops.fused_lm_head and fast.ops.layer_norm is not guppy.reference.layer_norm_reference
     batches = _batches(cfg.vocab_size)
     ref_losses = _train(ref, batches)
     fast_losses = _train(fast, batches)

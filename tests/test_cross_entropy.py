@@ -1,4 +1,4 @@
-"""guppy.kernels.cross_entropy and linear_cross_entropy against F.cross_entropy (specs: guppy.ops.*_reference).
+"""guppy.kernels.cross_entropy and linear_cross_entropy against F.cross_entropy (specs: guppy.reference.*_reference).
 
 CPU: TRITON_INTERPRET=1 (tests/conftest.py). GPU: the same tests on CUDA tensors, plus fp16/bf16 and autocast ones.
 """
@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, HAS_BF16, HAS_CUDA, requires_gpu
-from guppy.kernels import cross_entropy, linear_cross_entropy
+from guppy.kernels.cross_entropy import cross_entropy, linear_cross_entropy
 from guppy.kernels.cross_entropy import (_config_for, default_chunk_size, lm_head_memory_bytes, reachable_configs)
-from guppy.ops import linear_cross_entropy_reference
+from guppy.reference import linear_cross_entropy_reference
 
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
 if HAS_BF16:

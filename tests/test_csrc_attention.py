@@ -4,7 +4,7 @@ CPU tensors run the kernel source of csrc/attention.cu compiled for the host and
 (csrc/cuda_emu.h); with a GPU the same cases also run the nvcc build.
 
 Reference: F.scaled_dot_product_attention in fp32 on the same fp16 inputs (explicit bool mask from
-guppy.ops.attention_mask for segments), or, with dropout, the same math written out with the regenerated keep mask.
+guppy.reference.attention_mask for segments), or, with dropout, the same math written out with the regenerated keep mask.
 Tolerance: TOL_MULT x the error that the plain PyTorch path makes in fp16 (attention_reference on the fp16 inputs,
 computed in fp16 with fp16 autograd) against that fp32 reference, measured per case and per output, with an absolute
 floor of ABS_FLOOR x (1 + the largest |ref| of any output of the case) for tiny cases: at T <= 2 the fp16 path can be
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import guppy
-from guppy.ops import attention_mask, attention_reference
+from guppy.reference import attention_mask, attention_reference
 
 csrc = pytest.importorskip("guppy.csrc")
 

@@ -1,4 +1,4 @@
-"""guppy.kernels.layer_norm against F.layer_norm in float64 (the spec: guppy.ops.layer_norm_reference).
+"""guppy.kernels.layer_norm against F.layer_norm in float64 (the spec: guppy.reference.layer_norm_reference).
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py); with a GPU the same tests run on CUDA tensors.
 Every gradient is checked: dx, dW, dB and, with the fused residual, d-residual and the gradient that flows back
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, HAS_BF16, HAS_CUDA, requires_gpu
-from guppy.kernels import layer_norm
+from guppy.kernels.layer_norm import layer_norm
 from guppy.kernels.layer_norm import MAX_N, _config_for, reachable_configs
 
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-2, 1e-2)]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from guppy import GuppyLM, ModelConfig
-from guppy import ops
+from guppy import ops, reference
 from guppy.checkpoint import load_model
 
 MINI = dict(vocab_size=64, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64, dropout=0.0)
@@ -37,7 +37,7 @@ def test_layer_norm_reference_matches_functional_and_fuses_the_residual():
     mean = (x + r).mean(-1, keepdim=True)
     var = ((x + r - mean) ** 2).mean(-1, keepdim=True)
     expected = (x + r - mean) / torch.sqrt(var + 1e-5) * w + b  # the math, written out independently
-    y, h = ops.layer_norm_reference(x, w, b, 1e-5, residual=r)
+    y, h = reference.layer_norm_reference(x, w, b, 1e-5, residual=r)
     torch.testing.assert_close(y, expected)
     torch.testing.assert_close(h, x + r)
 
@@ -47,31 +47,31 @@ def test_attention_reference_matches_sdpa_with_segments(causal):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 11, 8, dtype=torch.float64) for _ in range(3))
     seg = torch.tensor([[0] * 4 + [1] * 5 + [2] * 2, [0] * 11])
-    out = ops.attention_reference(q, k, v, causal=causal, segment_ids=seg)
+    out = reference.attention_reference(q, k, v, causal=causal, segment_ids=seg)
     # independent mask: same segment, and j <= i when causal
     i, j = torch.arange(11)[:, None], torch.arange(11)[None, :]
     allowed = (seg[:, :, None] == seg[:, None, :]) & ((j <= i) if causal else True)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
     torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(ops.attention_sdpa(q, k, v, causal=causal, segment_ids=seg), ref)
+    torch.testing.assert_close(reference.attention_sdpa(q, k, v, causal=causal, segment_ids=seg), ref)
 
 
 def test_attention_reference_decode_step_sees_all_cached_keys():
     q = torch.randn(1, 2, 1, 8, dtype=torch.float64)
     k, v = torch.randn(1, 2, 6, 8, dtype=torch.float64), torch.randn(1, 2, 6, 8, dtype=torch.float64)
     ref = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1) @ v
-    torch.testing.assert_close(ops.attention_reference(q, k, v, causal=True), ref)
+    torch.testing.assert_close(reference.attention_reference(q, k, v, causal=True), ref)
 
 
 def test_cross_entropy_reference_all_ignored_and_smoothing():
     logits, t = torch.randn(4, 7), torch.full((4,), -100)
-    assert torch.isnan(ops.cross_entropy_reference(logits, t))
-    assert ops.cross_entropy_reference(logits, t, reduction="sum") == 0
+    assert torch.isnan(reference.cross_entropy_reference(logits, t))
+    assert reference.cross_entropy_reference(logits, t, reduction="sum") == 0
     t = torch.tensor([1, 2, -100, 6])
     lp = torch.log_softmax(logits.double(), -1)
     eps, keep = 0.1, t != -100
     expected = (-(1 - eps) * lp[keep, t[keep]] - eps * lp[keep].mean(-1)).mean()
-    torch.testing.assert_close(ops.cross_entropy_reference(logits, t, label_smoothing=eps).double(), expected,
+    torch.testing.assert_close(reference.cross_entropy_reference(logits, t, label_smoothing=eps).double(), expected,
                                atol=1e-6, rtol=1e-6)
 
 

@@ -1,4 +1,4 @@
-"""guppy.kernels.masked_softmax.gemm_attention (cuBLAS GEMMs + Triton fused masked softmax) against the specification.
+"""guppy.kernels.gemm_softmax.gemm_softmax_attention (cuBLAS GEMMs + Triton fused masked softmax) against the specification.
 
 Same contract and same checks as tests/test_attention.py (whose helpers are reused: reference, tolerance rule,
 pairwise shape grid), plus: identical output to the flash kernel for one dropout seed (both draw the same Philox
@@ -21,8 +21,8 @@ _spec = importlib.util.spec_from_file_location("_guppy_attention_tests", Path(__
 TA = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(TA)
 
-MS = importlib.import_module("guppy.kernels.masked_softmax")
-gemm_attention = MS.gemm_attention
+MS = importlib.import_module("guppy.kernels.gemm_softmax")
+gemm_softmax_attention = MS.gemm_softmax_attention
 needs_gpu = TA.needs_gpu
 
 CASES = [
@@ -40,17 +40,17 @@ CASES = [
                          ids=[f"T{c[0]}-D{c[1]}-{'causal' if c[2] else 'full'}-{str(c[3])[6:]}"
                               f"{'-seg' if c[4] else ''}" for c in CASES])
 def test_forward_backward(T, D, causal, dtype, seg, bh):
-    TA.run_and_compare(bh[0], bh[1], T, D, causal, dtype, seg, fn=gemm_attention)
+    TA.run_and_compare(bh[0], bh[1], T, D, causal, dtype, seg, fn=gemm_softmax_attention)
 
 
 def test_noncontiguous_qkv_views():
-    TA.run_and_compare(2, 2, 33, 16, True, torch.float32, seg=True, layout="qkv", fn=gemm_attention)
+    TA.run_and_compare(2, 2, 33, 16, True, torch.float32, seg=True, layout="qkv", fn=gemm_softmax_attention)
 
 
 @pytest.mark.parametrize("T,D,causal,dtype,seg", [(33, 16, True, torch.float32, True),
                                                   (70, 32, False, torch.float16, False)])
 def test_dropout_matches_regenerated_mask(T, D, causal, dtype, seg):
-    TA.run_and_compare(1, 2, T, D, causal, dtype, seg, p=0.1, seed=987, fn=gemm_attention)
+    TA.run_and_compare(1, 2, T, D, causal, dtype, seg, p=0.1, seed=987, fn=gemm_softmax_attention)
 
 
 def test_same_dropout_mask_as_flash():
@@ -58,45 +58,45 @@ def test_same_dropout_mask_as_flash():
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 2, 40, 16, generator=gen) for _ in range(3))
     seg = torch.tensor([[0] * 15 + [1] * 25, [0] * 40])
-    a = gemm_attention(q, k, v, segment_ids=seg, dropout_p=0.2, dropout_seed=42)
+    a = gemm_softmax_attention(q, k, v, segment_ids=seg, dropout_p=0.2, dropout_seed=42)
     b = TA.attention(q, k, v, segment_ids=seg, dropout_p=0.2, dropout_seed=42)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.manual_seed(5)
-    c = gemm_attention(q, k, v, dropout_p=0.2)
+    c = gemm_softmax_attention(q, k, v, dropout_p=0.2)
     torch.manual_seed(5)
-    assert torch.equal(c, gemm_attention(q, k, v, dropout_p=0.2))
+    assert torch.equal(c, gemm_softmax_attention(q, k, v, dropout_p=0.2))
 
 
 def test_dropout_unbiased_over_seeds():
     T, D, p, N = 8, 16, 0.3, 100
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, T, D, generator=gen) for _ in range(3))
-    outs = torch.stack([gemm_attention(q, k, v, dropout_p=p, dropout_seed=s) for s in range(N)])
+    outs = torch.stack([gemm_softmax_attention(q, k, v, dropout_p=p, dropout_seed=s) for s in range(N)])
     mean, std = outs.mean(0), outs.std(0)
-    assert ((mean - gemm_attention(q, k, v)).abs() <= 5 * std / math.sqrt(N) + 1e-4).all()
+    assert ((mean - gemm_softmax_attention(q, k, v)).abs() <= 5 * std / math.sqrt(N) + 1e-4).all()
 
 
 def test_model_parity():
-    TA.model_parity(gemm_attention)
+    TA.model_parity(gemm_softmax_attention)
 
 
 def test_errors(monkeypatch):
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match="one shape"):
-        gemm_attention(q, q[:, :, :4], q)
+        gemm_softmax_attention(q, q[:, :, :4], q)
     with pytest.raises(ValueError, match="16..128"):
         x = torch.randn(1, 1, 8, 8)
-        gemm_attention(x, x, x)
+        gemm_softmax_attention(x, x, x)
     with pytest.raises(TypeError, match="dtype"):
         x = torch.ones(1, 1, 8, 16, dtype=torch.int64)
-        gemm_attention(x, x, x)
+        gemm_softmax_attention(x, x, x)
     with pytest.raises(ValueError, match="segment_ids"):
-        gemm_attention(q, q, q, segment_ids=torch.zeros(2, 8, dtype=torch.long))
+        gemm_softmax_attention(q, q, q, segment_ids=torch.zeros(2, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="MAX_T"):
         MS.softmax_config(80, MS.MAX_T + 1, torch.float16)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CPU tensor|CUDA"):
-        gemm_attention(q, q, q)
+        gemm_softmax_attention(q, q, q)
 
 
 def test_config_table_covers_dispatcher():
@@ -120,4 +120,4 @@ GPU_DTYPES = TA.GPU_DTYPES
 @pytest.mark.parametrize("T,D,causal,seg,p", [(128, 64, True, False, 0.0), (128, 64, True, True, 0.1),
                                               (500, 80, False, True, 0.0), (1024, 128, True, False, 0.1)])
 def test_gpu(dtype, T, D, causal, seg, p):
-    TA.run_and_compare(4, 6, T, D, causal, dtype, seg, p=p, device="cuda", fn=gemm_attention)
+    TA.run_and_compare(4, 6, T, D, causal, dtype, seg, p=p, device="cuda", fn=gemm_softmax_attention)

@@ -1,6 +1,6 @@
 """GEMM attention: cuBLAS batched GEMMs around a Triton fused scale-mask-softmax-dropout (candidate 2 for the T4).
 
-Computes `guppy.ops.attention_reference` (the specification) the way GuppyLM's plain attention does, but with the
+Computes `guppy.reference.attention_reference` (the specification) the way GuppyLM's plain attention does, but with the
 elementwise middle fused into one Triton pass each way and the dropout mask never stored:
 
     forward    S  = Q Kᵀ                                   torch.matmul (cuBLAS; tensor cores on sm_75 for fp16)
@@ -24,7 +24,7 @@ q, k, v, P (+ segment ids, seed). S is computed in the input dtype before scalin
 Configuration: `softmax_config(arch, T, dtype)` is the only place tiles/warps are chosen; `target_configs()`
 enumerates all it can return. The kernels have no tl.dot, so nothing here depends on sm_75's missing Triton MMA.
 
-History: v1 (this file) — validated under TRITON_INTERPRET=1 against SDPA (tests/test_masked_softmax.py) and
+History: v1 (this file) — validated under TRITON_INTERPRET=1 against SDPA (tests/test_gemm_softmax.py) and
 cross-compiled for sm_75/80/90; GPU timing pending (no GPU available when written). T4 projection: notes/attention.md.
 """
 from __future__ import annotations
@@ -35,11 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..seeds import dropout_seed_tensor
-from ._utils import check_triton_device
-from .attention import LOG2E, _TRITON_PTR, _arch_class, _device_arch, _keep, _validate
-
-__all__ = ["gemm_attention"]
+from guppy.kernels._utils import check_triton_device
+from guppy.kernels.attention import LOG2E, _TRITON_PTR, _arch_class, _device_arch, _keep, _validate
+from guppy.seeds import dropout_seed_tensor
 
 MAX_T = 8192
 
@@ -115,7 +113,7 @@ def softmax_config(arch: int, T: int, dtype) -> dict:
     The choice is the same on every GPU arch (no tensor-core path involved); arch 0 = interpreter, few programs.
     """
     if T > MAX_T:
-        raise ValueError(f"gemm_attention: T={T} exceeds MAX_T={MAX_T} (a row must fit in registers)")
+        raise ValueError(f"gemm_softmax_attention: T={T} exceeds MAX_T={MAX_T} (a row must fit in registers)")
     block_t = max(16, triton.next_power_of_2(T))
     if _arch_class(arch) == 0:
         rows = max(1, min(32, 4096 // block_t))
@@ -210,17 +208,17 @@ class GemmAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def gemm_attention(q, k, v, causal=True, sm_scale=None, segment_ids=None, dropout_p=0.0, dropout_seed=None):
+def gemm_softmax_attention(q, k, v, causal=True, sm_scale=None, segment_ids=None, dropout_p=0.0, dropout_seed=None):
     """softmax(q kᵀ·sm_scale + mask) with dropout, times v: cuBLAS GEMMs + Triton fused masked softmax.
 
     Same contract as `guppy.kernels.attention.attention` (shapes, dtypes, segment ids, dropout mask for a seed);
     T <= 8192. Returns (B, H, T, D) in q's dtype.
     """
     _validate(q, k, v, segment_ids, dropout_p)
-    check_triton_device(q, k, v, segment_ids, op="gemm_attention")
+    check_triton_device(q, k, v, segment_ids, op="gemm_softmax_attention")
     T = q.shape[-2]
     if T > MAX_T:
-        raise ValueError(f"gemm_attention: T={T} exceeds MAX_T={MAX_T} (a row must fit in registers)")
+        raise ValueError(f"gemm_softmax_attention: T={T} exceeds MAX_T={MAX_T} (a row must fit in registers)")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     dropout_p = float(dropout_p)
     seed = dropout_seed_tensor(dropout_p, dropout_seed, q.device)
