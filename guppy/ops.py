@@ -51,7 +51,7 @@ def _gemm_softmax_ops() -> Ops:
 
 def _csrc_ops() -> Ops:
     """guppy.csrc: the CUDA C++ tensor-core attention (mma.sync m16n8k8, for the T4); Triton for everything else."""
-    from guppy.csrc.attention import attention
+    from guppy.csrc import attention
     return _triton_ops()._replace(name="csrc", attention=attention)
 
 
