@@ -14,6 +14,7 @@ that, so the tolerance is what it says (3x the fp16 reference's own error), whic
 relative (test_tolerance_catches_a_kernel_off_by_a_few_ulps; the old floor, 2e-3, bound everywhere and did not).
 """
 import math
+import os
 
 import pytest
 import torch
@@ -395,3 +396,31 @@ def test_no_cuda_device_is_a_reason(monkeypatch):
     monkeypatch.setattr(attention_op, "_STATE", {})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert csrc.available("cuda") == (False, "no CUDA device available")
+
+
+@pytest.mark.parametrize("capability,arch_env,gencode,suffix", [
+    ((7, 5), None, "-gencode=arch=compute_75,code=sm_75", "-sm75"),
+    ((9, 0), None, "-gencode=arch=compute_90,code=sm_90", "-sm90"),
+    ((9, 0), "75", "-gencode=arch=compute_75,code=compute_75", "-sm75-ptx"),   # the T4 code as PTX on an H100
+])
+def test_cuda_build_arguments(monkeypatch, tmp_path, capability, arch_env, gencode, suffix):
+    """GPU-only branch, run with fakes: what extension.load("cuda") hands to torch's ninja build (sources, arch flags,
+    cache folder). The build itself needs nvcc with a CUDA torch; it runs in the GPU check."""
+    from torch.utils import cpp_extension
+    calls = []
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(extension, "_MODULES", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or "module")
+    if arch_env:
+        monkeypatch.setenv("GUPPY_CSRC_ARCH", arch_env)
+    else:
+        monkeypatch.delenv("GUPPY_CSRC_ARCH", raising=False)
+    assert extension.load("cuda") == "module" and extension.load("cuda") == "module"   # the second from memory
+    (kw,) = calls
+    assert [os.path.basename(s) for s in kw["sources"]] == ["attention_cuda.cpp", "attention.cu", "emu_tests.cu"]
+    assert gencode in kw["extra_cuda_cflags"]
+    assert kw["build_directory"].startswith(str(tmp_path)) and kw["build_directory"].endswith(suffix)
+    assert os.path.exists(os.path.join(kw["build_directory"], "built.ok"))

@@ -52,6 +52,19 @@ def test_info_says_each_implementation_and_what_it_is():
     assert re.search(r"^  reference +available ", text, flags=re.M)
 
 
+def test_info_on_a_gpu_says_device_and_precision(monkeypatch):
+    """GPU-only branch of `guppy info`, run with a faked torch.cuda."""
+    from types import SimpleNamespace
+    t4 = SimpleNamespace(name="Tesla T4", major=7, minor=5, total_memory=15 * 2**30, multi_processor_count=40)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: t4)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    lines = info().splitlines()
+    assert "cuda:0 Tesla T4, compute capability 7.5, 15.0 GiB, 40 SMs" in lines
+    assert "training precision: fp16 + GradScaler autocast" in lines
+
+
 def test_unknown_name_is_one_clear_error():
     with pytest.raises(ValueError, match="unknown ops implementation 'triton-flash'; choose one of: reference"):
         ops.get_ops("triton-flash")
