@@ -152,15 +152,20 @@ def choose_attention(capability: tuple, triton_version: Optional[str], dtype: to
 _SAID: set = set()
 
 
+@functools.cache
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def _auto_gpu_attention(q: torch.Tensor) -> Callable:
     """The attention `auto` runs for q on a GPU, by choose_attention; said once per (device, dtype, head dim) in one
     line. No cache of its own: csrc's availability is read from guppy.csrc's cache on every call (a dict lookup)."""
     from guppy import csrc
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    triton_version = _triton_version()
     cap = torch.cuda.get_device_capability(q.device)
     name, why = choose_attention(cap, triton_version, q.dtype, q.shape[-1], lambda: csrc.available(q.device))
     said = (str(q.device), q.dtype, q.shape[-1])

@@ -12,6 +12,9 @@ exact or nearly (out = v, dV = dO, dQ = dK = 0 up to ~1e-7), while the kernel's 
 ~1e-6 in dQ and dK. From T = 17 up the fp16 error is >= 5e-4 and the floor (~5e-5) never binds: the test asserts
 that, so the tolerance is what it says (3x the fp16 reference's own error), which catches a kernel off by 2e-3
 relative (test_tolerance_catches_a_kernel_off_by_a_few_ulps; the old floor, 2e-3, bound everywhere and did not).
+
+Then load and verify (csrc/attention_op.py): one availability cache, a self-check that runs on every device type,
+in both call orders and whatever grad/autocast mode the caller has, and fails when the kernel is wrong.
 """
 import math
 import os
