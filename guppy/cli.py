@@ -100,6 +100,7 @@ def cmd_build_ext(a):
 
 def build_parser():
     from .config import PRESETS
+    from .ops import IMPLEMENTATIONS
     p = argparse.ArgumentParser(prog="guppy", description="A tiny fish-persona language model, and its kernels.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -128,7 +129,7 @@ def build_parser():
     s.add_argument("--lr", type=float)
     s.add_argument("--batch-mode", choices=["pad", "packed"])
     s.add_argument("--loss-on", choices=["all", "assistant"])
-    s.add_argument("--ops", help="op implementations: reference, sdpa, triton, csrc, auto")
+    s.add_argument("--ops", choices=list(IMPLEMENTATIONS), help="op implementations (guppy info says what each is)")
     s.add_argument("--eval-every", type=int)
     s.add_argument("--save-every", type=int)
     s.add_argument("--log-every", type=int)

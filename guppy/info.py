@@ -8,7 +8,7 @@ import torch
 
 
 def info() -> str:
-    from . import __version__, ops
+    from guppy import __version__, ops
 
     lines = [f"guppy {__version__}", f"python {sys.version.split()[0]} ({platform.machine()})",
              f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none: CPU build'})"]
@@ -26,17 +26,9 @@ def info() -> str:
         lines.append(f"training precision: {'bf16' if cc >= (8, 0) else 'fp16 + GradScaler'} autocast")
     else:
         lines.append("device: CPU only (training precision fp32)")
-    notes = {
-        "triton": "Triton kernels on CUDA tensors" + ("" if torch.cuda.is_available() else
-                                                       "; on this CPU only under TRITON_INTERPRET=1 (slow)"),
-        "gemm-softmax": "as triton, attention = cuBLAS GEMMs + Triton masked softmax",
-        "csrc": "CUDA C++ mma.sync attention, built at first use (guppy build-ext); CPU tensors run its host "
-                "emulation",
-        "auto": "kernels on CUDA tensors, reference on CPU tensors; attention: csrc on sm_75 if it builds and "
-                "self-checks, else the rule of choose_attention() in kernels/attention.py",
-    }
     lines.append("op implementations (--ops / ModelConfig.ops):")
     for name, reason in ops.availability().items():
-        state = "available" if reason is None else "unavailable: " + reason
-        lines.append(f"  {name:12s} {state}" + (f" - {notes[name]}" if reason is None and name in notes else ""))
+        impl = ops.IMPLEMENTATIONS[name]
+        state = "available" if reason is None else f"unavailable ({reason})"
+        lines.append(f"  {name:12s} {state} - {impl.what}; needs {impl.needs}")
     return "\n".join(lines)

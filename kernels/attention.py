@@ -689,23 +689,4 @@ def attention(q, k, v, causal=True, sm_scale=None, segment_ids=None, dropout_p=0
                                 dropout_p, seed)
 
 
-# ====================================================================================================================
-# Which attention on which GPU (projected; see notes/attention.md — unmeasured on a T4)
-# ====================================================================================================================
-def choose_attention(device_capability: tuple, triton_version: str) -> str:
-    """"triton", "gemm-softmax" or "sdpa" (names in guppy.ops) for a GPU of this compute capability under this Triton
-    version.
-
-    sm_80+: "triton" (FlashAttention-2; mma.sync / wgmma tensor cores, O(T) memory, segment blocks skipped).
-    sm_75 with triton 3.1/3.2 (tl.dot -> mma.sync m16n8k8): "triton".
-    sm_75 with triton 3.3 (tl.dot f16 fails to compile) or >= 3.4 (tl.dot -> fp32 FMA, ~8x less peak): "sdpa"
-    (the memory-efficient CUTLASS backend keeps tensor cores and O(T) memory; projection in notes/attention.md).
-    Older than sm_75: "sdpa".
-    """
-    cap = tuple(device_capability)
-    ver = tuple(int(x) for x in triton_version.split("+")[0].split(".")[:2] if x.isdigit())
-    if cap >= (8, 0):
-        return "triton"
-    if cap >= (7, 5):
-        return "triton" if (3, 1) <= ver < (3, 3) else "sdpa"
-    return "sdpa"
+# Which attention runs on which GPU is decided in one place: guppy.ops.choose_attention.

@@ -273,14 +273,6 @@ def test_config_table_covers_dispatcher():
                 assert (A._attn_bwd_preprocess, cls, bd, ptr, bm, None, w, 1) in index
 
 
-def test_choose_attention():
-    assert A.choose_attention((8, 0), "3.6.0") == "triton"
-    assert A.choose_attention((9, 0), "3.9.0") == "triton"
-    assert A.choose_attention((7, 5), "3.6.0") == "sdpa"
-    assert A.choose_attention((7, 5), "3.2.0") == "triton"
-    assert A.choose_attention((7, 0), "3.2.0") == "sdpa"
-
-
 def test_cross_compile_sm75_fma_and_sm80_mma():
     """The table's instruction expectations hold for the guppy shape (fp16, D=64, forward): fp32 FMA and no mma on
     sm_75, mma.sync on sm_80, shared memory within the per-block limits. Runs in a subprocess: under the interpreter

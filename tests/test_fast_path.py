@@ -3,18 +3,26 @@
 On the CPU the "triton" ops run through the interpreter (LayerNorm with fused residual, FlashAttention with packed
 segments, the fused LM head + loss). Dropout is off so that both paths compute the same function (the reference draws
 its dropout mask from torch's RNG, the kernels from Philox: equal in distribution, not element by element).
-On a GPU, the whole step as a CUDA graph is checked against the eager step.
+On a GPU, the whole step as a CUDA graph is checked against the eager step. Its CPU twin runs CudaGraphStep's logic
+(warm-up, capture, static buffers, replay, the GradScaler outside the graph) with torch.cuda's graph and stream calls
+replaced by a recorded trace of aten ops, which is what a CUDA graph is.
 """
+import contextlib
+import copy
 import json
 import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import HAS_CUDA, requires_gpu
 from guppy.config import ModelConfig, TrainConfig, preset
-from guppy.data import prepare
-from guppy.train import train
+from guppy.data import Batch, prepare
+from guppy.graphs import CudaGraphStep
+from guppy.model import GuppyLM
+from guppy.train import set_lr, train, train_step
 
 MINI = dict(vocab_size=384, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64, dropout=0.0)
 
@@ -62,3 +70,126 @@ def test_cuda_graph_step_matches_eager(data_dir, tmp_path):
     # bf16/fp16 autocast: same kernels, same order, but graph replay vs eager may pick different cuBLAS algorithms
     torch.testing.assert_close(torch.tensor(graph_train), torch.tensor(eager_train), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(torch.tensor(graph_eval), torch.tensor(eager_eval), rtol=2e-2, atol=2e-2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CPU twin of the CUDA graph step: torch.cuda's graph and streams faked by a recorded trace
+# --------------------------------------------------------------------------------------------------------------------
+class RecordedGraph:
+    """A fake torch.cuda.CUDAGraph. Capture records every aten op (autograd's backward and the optimizer included)
+    with its tensors; replay runs them again on the same tensors, writing results into the recorded outputs, as a
+    CUDA graph replays its kernels on the same memory. A real capture executes nothing, so the capture here undoes
+    what it wrote. A host sync (.item(), bool(tensor)) inside the capture raises, as it does on a GPU."""
+
+    def __init__(self):
+        self.ops = []
+
+    @torch.no_grad()
+    def replay(self):
+        for func, args, kwargs, out in self.ops:
+            new = func(*args, **kwargs)
+            for o, n in zip(tree_leaves(out), tree_leaves(new)):
+                if isinstance(o, torch.Tensor) and o is not n:
+                    o.copy_(n)
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, graph):
+        super().__init__()
+        self.graph, self.before = graph, {}   # id -> (tensor, its value before the capture first wrote it)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise RuntimeError("host sync inside a CUDA graph capture")
+        values = list(args) + [kwargs.get(a.name) for a in func._schema.arguments[len(args):]]
+        for arg, value in zip(func._schema.arguments, values):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                for t in tree_leaves(value):
+                    if isinstance(t, torch.Tensor) and id(t) not in self.before:
+                        self.before[id(t)] = (t, t.clone())
+        out = func(*args, **kwargs)
+        self.graph.ops.append((func, args, kwargs, out))
+        return out
+
+
+@contextlib.contextmanager
+def recorded_capture(graph):
+    recorder = _Recorder(graph)
+    with recorder:
+        yield
+    with torch.no_grad():
+        for t, value in recorder.before.values():
+            t.copy_(value)
+
+
+class NoStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Stream", NoStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: NoStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", RecordedGraph)
+    monkeypatch.setattr(torch.cuda, "graph", recorded_capture)
+
+
+def mini_batches(n, B=4, T=16, vocab=64):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, vocab, (B, T + 1), generator=g)
+        cut = int(torch.randint(2, T - 2, (1,), generator=g))
+        seg = torch.tensor([[0] * cut + [1] * (T - cut)] * B, dtype=torch.int32)
+        pos = torch.tensor([list(range(cut)) + list(range(T - cut))] * B)
+        out.append(Batch(idx[:, :-1].contiguous(), idx[:, 1:].contiguous(), seg, pos))
+    return out
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["no-scaler", "grad-scaler"])
+def test_cuda_graph_step_logic_matches_eager_steps(fake_cuda_graphs, scaled):
+    """3 warm-up steps, the capture, then replays, each on a new batch with a new learning rate: the same losses and
+    weights, bit for bit, as guppy.train.train_step run eagerly. With a GradScaler, unscale/clip/step stay outside the
+    graph (the bf16 path captures them)."""
+    torch.manual_seed(0)
+    eager = GuppyLM(ModelConfig(**{**MINI, "vocab_size": 64, "max_seq_len": 16}))
+    graphed = copy.deepcopy(eager)
+    # as make_optimizer builds it for graphs: fused, capturable, lr a tensor the graph reads
+    opt_e, opt_g = (torch.optim.AdamW(m.parameters(), lr=torch.tensor(1e-2), fused=True, capturable=True)
+                    for m in (eager, graphed))
+    scaler_e, scaler_g = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, enabled=scaled) for _ in range(2))
+    step = CudaGraphStep(graphed, opt_g, scaler_g, grad_clip=1.0, amp_dtype=None, warmup=3)
+    for i, b in enumerate(mini_batches(7)):
+        for opt in (opt_e, opt_g):
+            set_lr(opt, 1e-2 / (1 + i))
+        want = train_step(eager, b, opt_e, scaler_e, 1.0, torch.device("cpu"), None)
+        got = step(b)
+        assert got.item() == want.item(), i
+    assert step.graph is not None and len(step.graph.ops) > 100   # forward, backward (and the optimizer) recorded
+    for a, b in zip(eager.parameters(), graphed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_cuda_graph_capture_refuses_a_host_sync(fake_cuda_graphs, monkeypatch):
+    model = GuppyLM(ModelConfig(**{**MINI, "vocab_size": 64, "max_seq_len": 16}))
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3), fused=True, capturable=True)
+    step = CudaGraphStep(model, opt, torch.amp.GradScaler("cpu", enabled=False), 1.0, None, warmup=0)
+    forward = model.forward
+
+    def forward_that_logs_its_loss(*args, **kwargs):
+        logits, loss = forward(*args, **kwargs)
+        print(loss.item())   # reads the loss on the host: not capturable
+        return logits, loss
+
+    monkeypatch.setattr(model, "forward", forward_that_logs_its_loss)
+    with pytest.raises(RuntimeError, match="host sync inside a CUDA graph capture"):
+        step(mini_batches(1)[0])
+
+
+def test_cuda_graph_step_needs_a_tensor_learning_rate():
+    model = GuppyLM(ModelConfig(**{**MINI, "vocab_size": 64, "max_seq_len": 16}))
+    with pytest.raises(ValueError, match="lr is a CUDA tensor"):
+        CudaGraphStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), None, 1.0, None)
