@@ -7,8 +7,13 @@ here. With a GPU it is left alone and the same tests run on CUDA tensors (plus t
 """
 import os
 
-import pytest
-import torch
+# One intra-op thread, for this process and the CLI subprocesses the tests start: the tests' tensors are tiny, and
+# on a 2-core CI machine torch's default of one thread per core made a tiny forward+backward ~200x slower whenever
+# another process held a core (threads spin at barriers). Set before torch is imported, so children inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
