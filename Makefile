@@ -1,4 +1,5 @@
-# Two commands: `make demo` (prepare, train, chat) and `make test` (the suite CI runs).
+# `make demo` (prepare, train, chat) and `make test` (the suite CI runs); `make lint` (ruff, ruff.toml) and
+# `make targets` (cross-compile every kernel for sm_75/80/90, no GPU needed).
 # Both use the active virtual environment, or create .venv when none is active.
 PYTHON ?= python3
 ifdef VIRTUAL_ENV
@@ -9,8 +10,9 @@ endif
 DATA ?= data/guppy
 RUN ?= runs/demo
 PYTEST_ARGS ?=
+ARCH ?= 75,80,90
 
-.PHONY: demo test install venv bench-step clean
+.PHONY: demo test lint targets install venv bench-step clean
 
 venv:
 	@test -x "$(PY)" || $(PYTHON) -m venv .venv
@@ -32,6 +34,13 @@ test: venv
 	@$(PY) -m pytest tests -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests, which counts as a failure"; exit 1; fi; \
 	exit $$rc
+
+lint: venv
+	$(PY) -m pip install -q "ruff==0.17.5"
+	$(PY) -m ruff check .
+
+targets: install
+	$(PY) -m guppy targets --arch $(ARCH)
 
 bench-step: install
 	$(PY) -m bench step

@@ -29,7 +29,8 @@ class Case:
     suite: str          # layer_norm | cross_entropy | attention
     shape: str          # e.g. "4096x384"
     impl: str           # ours / eager / compile / liger / sdpa-flash ...
-    make: Callable      # () -> (forward fn returning the output to differentiate, list of input tensors w/ grad)
+    make: Callable      # () -> (forward fn returning the output to differentiate, list of input tensors w/ grad,
+                        #        reference fn: the spec's output for the same inputs, in fp32)
     bytes_fwd: float = 0.0
     bytes_bwd: float = 0.0
     flops_fwd: float = 0.0
@@ -48,7 +49,7 @@ def _liger(name):
         return None
 
 
-def layer_norm_cases(dtype, quick):
+def layer_norm_cases(dtype, quick, device="cuda"):
     shapes = [(4096, 384)] if quick else [(4096, 384), (65536, 384), (8192, 4096)]
     impls = {"eager": reference.layer_norm_reference,
              "compile": torch.compile(reference.layer_norm_reference, dynamic=False),
@@ -60,15 +61,16 @@ def layer_norm_cases(dtype, quick):
         s = torch.finfo(dtype).bits // 8
         for name, fn in impls.items():
             def make(fn=fn, M=M, N=N):
-                x = torch.randn(M, N, device="cuda", dtype=dtype, requires_grad=True)
-                w = torch.randn(N, device="cuda", dtype=dtype, requires_grad=True)
-                b = torch.randn(N, device="cuda", dtype=dtype, requires_grad=True)
-                return (lambda: fn(x, w, b, 1e-5)), [x, w, b]
+                x = torch.randn(M, N, device=device, dtype=dtype, requires_grad=True)
+                w = torch.randn(N, device=device, dtype=dtype, requires_grad=True)
+                b = torch.randn(N, device=device, dtype=dtype, requires_grad=True)
+                return ((lambda: fn(x, w, b, 1e-5)), [x, w, b],
+                        lambda: reference.layer_norm_reference(x.float(), w.float(), b.float(), 1e-5))
             # fwd reads x, writes y; bwd reads x and dy, writes dx (weights and statistics are small)
             yield Case("layer_norm", f"{M}x{N}", name, make, bytes_fwd=2 * M * N * s, bytes_bwd=3 * M * N * s)
 
 
-def cross_entropy_cases(dtype, quick):
+def cross_entropy_cases(dtype, quick, device="cuda"):
     shapes = [(4096, 4096)] if quick else [(4096, 4096), (8192, 4096), (8192, 32000)]
     impls = {"eager": reference.cross_entropy_reference,
              "compile": torch.compile(reference.cross_entropy_reference, dynamic=False),
@@ -80,15 +82,15 @@ def cross_entropy_cases(dtype, quick):
         s = torch.finfo(dtype).bits // 8
         for name, fn in impls.items():
             def make(fn=fn, N=N, V=V):
-                z = torch.randn(N, V, device="cuda", dtype=dtype, requires_grad=True)
-                t = torch.randint(0, V, (N,), device="cuda")
+                z = torch.randn(N, V, device=device, dtype=dtype, requires_grad=True)
+                t = torch.randint(0, V, (N,), device=device)
                 t[::7] = -100
-                return (lambda: fn(z, t)), [z]
+                return (lambda: fn(z, t)), [z], (lambda: reference.cross_entropy_reference(z.float(), t))
             # fused: read the logits once, write their gradient once
             yield Case("cross_entropy", f"{N}x{V}", name, make, bytes_fwd=2 * N * V * s, bytes_bwd=0)
 
 
-def attention_cases(dtype, quick):
+def attention_cases(dtype, quick, device="cuda"):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     shapes = [(32, 6, 128, 64)] if quick else [(32, 6, 128, 64), (8, 6, 512, 64), (2, 6, 2048, 64)]
 
@@ -121,18 +123,19 @@ def attention_cases(dtype, quick):
                     # the CUDA C++ kernel is the T4's, fp16 only: on an sm_80+ GPU it is timed in fp16 (a sanity
                     # check of T4 code on another chip, not the T4 result)
                     dt = torch.float16 if name == "ours-csrc" else dtype
-                    qkv = torch.randn(B, T, 3, H, D, device="cuda", dtype=dt, requires_grad=True)
+                    qkv = torch.randn(B, T, 3, H, D, device=device, dtype=dt, requires_grad=True)
                     q, k, v = qkv.permute(2, 0, 3, 1, 4)
                     seg = None
                     if packed:  # ~4.7 conversations per 128 tokens, as in guppy's packed rows
-                        lengths = torch.randint(T // 8, T // 3, (B, T), device="cuda")
-                        seg = (torch.arange(T, device="cuda")[None, :] // lengths[:, :1]).to(torch.int32)
+                        lengths = torch.randint(T // 8, T // 3, (B, T), device=device)
+                        seg = (torch.arange(T, device=device)[None, :] // lengths[:, :1]).to(torch.int32)
                     if fn == "flex":  # the block mask is built once, outside the timed region, as a model would
                         fn = _flex_document_attention(seg, B, T)
                     kw = {"causal": True}
                     if seg is not None and name != "flex-document-mask":
                         kw["segment_ids"] = seg
-                    return (lambda: fn(q, k, v, **kw)), [qkv]
+                    return ((lambda: fn(q, k, v, **kw)), [qkv],
+                            lambda: reference.attention_reference(q.float(), k.float(), v.float(), segment_ids=seg))
                 yield Case("attention", f"B{B} H{H} T{T} D{D}" + (" packed" if packed else ""), name, make,
                            flops_fwd=4 * B * H * T * T * D / 2)
 
@@ -171,11 +174,31 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+# fp32 compares at 1e-4 (reductions in another order), fp16 / bf16 at a few units of their rounding at |ref| ~ 1-10
+TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
+
+
+def check_output(case: Case) -> float:
+    """Run the case's forward once and compare it with the spec's output for the same inputs (in fp32), at the output
+    dtype's tolerance. Raises AssertionError naming the case when it differs; returns the largest absolute error."""
+    fwd, _, expected = case.make()
+    with torch.no_grad():
+        out, ref = fwd(), expected().float()
+    atol, rtol = TOLERANCE[out.dtype]
+    out = out.float()
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol,
+                               msg=lambda m: f"{case.suite} {case.shape} {case.impl} differs from the reference: {m}")
+    return (out - ref).abs().max().item()
+
+
 def measure(case: Case, copy_gbs: float) -> dict:
+    """Check the case's output against the reference once, then time it. A case that does not run (e.g. cuDNN on
+    sm_75) or whose output is wrong is a row with an "error" instead of timings."""
     from triton.testing import do_bench
     row = {"suite": case.suite, "shape": case.shape, "impl": case.impl}
     try:
-        fwd, inputs = case.make()
+        row["max_abs_err"] = check_output(case)
+        fwd, inputs, _ = case.make()
         out = fwd()
         grad = torch.randn_like(out) if out.dim() else torch.ones_like(out)
 

@@ -5,13 +5,12 @@
     available(device) -> (bool, reason)              can `attention` run here: build + self-check, once per device
     build(device="cuda" | "cpu", verbose=False)      build the extension ahead of time (cached, see extension.py)
     dropout_mask(B, H, T, p, seed)                   the dropout keep mask, regenerated on the host
-    target_rows(archs=(75, 80))                      ptxas registers/shared/spills + SASS HMMA/LDSM per kernel
 
-Kernel source: attention.cu (header: math, tiling, fragment layouts, limits). attention_op.py loads, verifies and wraps
-it; CPU tensors run the same source compiled by g++ on the emulator in cuda_emu.h, through the same steps.
+Kernel source: attention.cu (header: math, grid, dtypes, limits; versions in notes/csrc.md). attention_op.py loads,
+verifies and wraps it; CPU tensors run the same source compiled by g++ on the emulator in cuda_emu.h, through the
+same steps.
 """
 from guppy.csrc.attention_op import HEAD_DIMS, attention, available, dropout_mask
 from guppy.csrc.extension import build, load, source_hash
-from guppy.csrc.targets import target_rows
 
-__all__ = ["HEAD_DIMS", "attention", "available", "build", "dropout_mask", "load", "source_hash", "target_rows"]
+__all__ = ["HEAD_DIMS", "attention", "available", "build", "dropout_mask", "load", "source_hash"]

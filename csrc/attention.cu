@@ -1,7 +1,6 @@
 // attention.cu -- tensor-core attention for the T4 (sm_75): mma.sync.aligned.m16n8k8 (fp16 in, fp32 accumulate) fed
 // by ldmatrix from shared memory. Forward and backward, causal or not, packed rows (segment ids), Philox dropout,
 // strided Q/K/V (views of the fused qkv projection). Plain CUDA: no torch headers.
-//
 //   device check:  nvcc -cubin -arch=sm_75 -Xptxas -v -Icsrc csrc/attention.cu
 //   host build:    attention_host.cpp includes cuda_emu.h and this file (g++ -O2 -std=c++20); see cuda_emu.h
 //
@@ -10,84 +9,26 @@
 //   O = Pd V,   lse_i = log sum_j exp(S_ij)                                   (forward)
 //   dV = Pd^T dO,   dP = Z o (dO V^T) / (1 - p),   Delta_i = rowsum(dO o O)_i = sum_j P_ij dP_ij,
 //   dS = P o (dP - Delta),   dQ = dS K * sm_scale,   dK = dS^T Q * sm_scale    (backward)
-// Softmax runs in the exp2 domain: s2 = S * log2(e), p = exp2(s2 - m2). The forward keeps a running max m2 and
-// running sum l per row (online softmax, FlashAttention-2): per key tile, m2' = max(m2, rowmax s2),
-// alpha = exp2(m2 - m2'), l = alpha l + rowsum exp2(s2 - m2'), O = alpha O + Zexp2(s2 - m2') V / (1-p); at the end
-// O /= l and lse = (m2 + log2 l) * ln 2. The normaliser l sums the probabilities before dropout.
-// The backward recomputes P = exp2(s2 - lse * log2 e) from the saved lse.
+// The forward is an online softmax in the exp2 domain (FlashAttention-2; see attn_fwd); its normaliser sums the
+// probabilities before dropout. The backward recomputes P from the saved lse.
 //
-// Kernels and grid (B*H = number of (batch, head) pairs; 128 threads = 4 warps per block everywhere; tile sizes in
-// Cfg<D> below, chosen by register pressure -- see the history):
-//   attn_fwd<D>      grid (ceil(T/64), B*H). A block owns 64 query rows, warp w rows 16w..16w+15. Q is staged
-//                    through shared memory into A fragments held in registers for the whole loop; K and V tiles
-//                    (FBN = 64 keys, 32 at D=128) are loaded per step (128-bit global loads by all threads) and read
-//                    with ldmatrix: S (16 x FBN per warp) = Q K^T via non-transposed ldmatrix.x4 of K rows (that is
-//                    the B operand K^T); the S accumulators are re-packed in registers as the A fragments of P (the
-//                    C layout of n-tile j is the A layout of k-step j); O += P V via ldmatrix.x4.trans of V rows.
-//                    Query tiles are issued last-first so the long causal rows start first.
-//   attn_bwd_dq<D>   grid (ceil(T/64), B*H). Computes Delta for its 64 rows (and writes it for attn_bwd_dkv), keeps
-//                    Q fragments in registers and dO in shared memory, loops over key steps (BN = 64 keys, 32 at
-//                    D >= 64): S = Q K^T, dP = dO V^T, dS = P o (dP - Delta), dQ += dS K (ldmatrix.trans of K).
-//                    dQ is owned by one block: deterministic, no atomics, no fp32 partials.
-//   attn_bwd_dkv<D>  grid (ceil(T/64), B*H), after attn_bwd_dq. A block owns 64 keys (warp w keys 16w..), loops
-//                    over query steps (BQ = 64 queries at D=32, 32 at D=64, 16 at D=128): S^T = K Q^T,
-//                    dV += Pd^T dO, dP^T = V dO^T, dS^T = P^T o (dP^T - Delta), dK += dS^T Q. K, V (A operands) are
-//                    streamed from shared memory four k-steps at a time (mma_nt_sa).
-//   attn_bwd_small<D> grid (B*H), T <= 128 and D <= 64: one launch, one block per (batch, head), no atomics: Delta for
-//                    all rows, then the dK/dV loop for each key tile, then the dQ loop for each query tile (the two
-//                    bodies above, as device functions, one after the other in the same block). D = 128 takes the
-//                    two-kernel path at every T (see v2).
-//   Recomputing S in both backward passes costs 7 tile MMAs per tile pair instead of 5; it buys a dQ that is
-//   deterministic without atomics or a (T/64) x T x D fp32 partial buffer.
+// Grid: 128 threads (4 warps) per block everywhere; tile sizes in Cfg<D>; each kernel's comment says how it walks.
+//   attn_fwd<D>         (ceil(T/64), B*H)   64 query rows per block, looping over key tiles
+//   attn_bwd_dq<D>      (ceil(T/64), B*H)   Delta and dQ of 64 query rows; a block owns its dQ rows (no atomics)
+//   attn_bwd_dkv<D>     (ceil(T/64), B*H)   after attn_bwd_dq: dK and dV of 64 keys
+//   attn_bwd_small<D>   (B*H)               T <= 128 and D <= 64: both backward passes in one launch
+// Shared memory is dynamic only; guppy_attn_smem() gives each kernel's bytes (`guppy targets` lists them).
 //
-// Shared memory: only dynamic (`extern __shared__`, through GUPPY_DYNAMIC_SMEM, so the emulator can give a block one
-// buffer). Tiles are rows of D fp16 in 16-byte chunks, chunk c of row r stored at chunk c ^ swz(r), swz(r) = r % 8
-// (D >= 64) or (r / 2) % 4 (D = 32): the 8 row addresses of one ldmatrix phase, and the 8 16-byte stores of one row
-// group, fall in 8 different 16-byte bank groups (conflict-free), with no padding (padding would cost D=128 its second
-// block per SM). Bytes: fwd 2*FBN*D*2 (16 KB at D=64 and D=128); bwd_dq (2*BN + 64)*D*2; bwd_dkv (128 + 2*BQ)*D*2
-// (40 KB at D=128); bwd_small the larger of the two. guppy.csrc.target_rows() lists them with registers.
+// Dtypes and limits: fp16 in and out, fp32 accumulation and lse; D in {32, 64, 128}; any T >= 1 (tails zero-filled
+// and masked); Tq == Tk; every row sees at least one key (true for causal and segment masks: i sees itself); Q/K/V
+// need a contiguous last dimension and 16-byte aligned rows (strides multiples of 8 elements); O, dO, dQ, dK, dV
+// contiguous. Tiles are skipped by segment only when the ids are non-decreasing along T (a device-side check sets
+// the seg_sorted flag; otherwise every tile is computed with the per-element mask: still exact). Dropout: philox.cuh
+// (Philox4x32-10 on (seed, b, h, i, j), never stored). The seed and the flag live in device memory, so no launch
+// waits on the host and a captured CUDA graph draws a fresh mask per replay.
 //
-// Fragment layouts: see warp_ops.cuh (PTX ISA tables for m16n8k8 .f16 and ldmatrix), groupID g = lane>>2,
-// t = lane%4: a thread holds S[g][8j+2t+{0,1}] (c0,c1) and S[g+8][8j+2t+{0,1}] (c2,c3) of each n-tile j; a row's
-// columns live in the 4 lanes of a quad, so row max/sum are two shfl_xor (1, 2).
-//
-// Limits: fp16 in/out only; D in {32, 64, 128}; any T >= 1 (tails zero-filled and masked); Tq == Tk; every row must
-// see at least one key (true for causal and/or segment masks, since i sees itself); Q/K/V need a contiguous last
-// dimension and 16-byte aligned rows (strides multiples of 8 elements); O, dO, dQ, dK, dV contiguous. Tile skipping by
-// segment needs segment ids non-decreasing along T (packed rows are; a device-side check sets the seg_sorted flag
-// the kernels read, 0 otherwise, and every tile is then computed with the per-element mask: still exact, just no
-// skipping). The flag and the dropout seed live in device memory so that no launch waits on the host.
-// Dropout: philox.cuh (Philox4x32-10 on (seed, b, h, i, j), never stored).
-//
-// Version history (no GPU was available while writing these: every timing is pending a T4 run; the numbers below are
-// ptxas's, sm_75):
-//   v1: FA2-style forward (64x64 steps for every D, Q fragments in registers, XOR-swizzled K/V tiles, ldmatrix.x4 /
-//       .x4.trans, exp2 online softmax, lse saved); backward as dQ pass + dK/dV pass, each holding its row-side
-//       operands (Q, dO / K, V) as register fragments, plus the T <= 128 single-launch kernel. Parity on the emulator
-//       at first run; but ptxas spilled: fwd D=128 (255 regs, 44 B), bwd_dq D=64 (52 B) and D=128 (68 B), bwd_small
-//       D=64 (272 B) and D=128 (136 B).
-//   v2 (mainline): narrower steps where the score tiles pushed past 255 registers (FBN 32 at D=128; BN 32 at D >= 64;
-//       BQ 32 at D=64, 16 at D=128); dO (dQ pass) and K, V (dK/dV pass) streamed from shared memory four k-steps at a
-//       time instead of held as fragments; D=128 backward always two kernels. Zero spills on sm_75 and sm_80 for
-//       every instance. Tried and lost: out-of-line (__noinline__) bodies in attn_bwd_small: ABI stack frames of
-//       320-376 B and new spills at D=64; reverted. Timings pending.
-//   v3 (mainline): the dropout seed and the segments-sorted flag moved from launch arguments into device memory
-//       (GuppyAttnParams.seed / .seg_sorted point at (1,) tensors): the host no longer syncs to check sortedness,
-//       and a captured CUDA graph draws a fresh seed per replay. Keeping the two in the backward's context struct
-//       cost sm_80 spills (bwd_dq D=128 16 B, bwd_small D=64 48 B); reading them where they are used keeps zero
-//       spills on sm_75 and sm_80 (fwd D=64 sm_75: 177 -> 183 registers, still 2 blocks/SM). Timings pending.
-//   Not done: fused single-pass backward with dS^T through shared memory (needs K, V, Q, dO and dS^T tiles at once:
-//       > 64 KB at D >= 64); staging O through shared memory for 128-bit stores (O is written once per row; 32-bit
-//       stores kept); 2 blocks/SM for bwd_dkv at D=128 (K+V tiles alone are 32 KB).
-//
-// T4 projection (a projection from instruction counts and the T4's peaks -- 65 TFLOPS fp16 tensor, 320 GB/s -- not a
-// measurement; worked numbers in notes/csrc.md): one HMMA.1688 is 16*8*8*2 = 2048 FLOP, and 65 TFLOPS over 40 SMs at
-// 1.59 GHz is ~1 HMMA.1688 per SM every 2 clocks. A 64x64 forward tile pair at D=64 is 512 HMMA (4 warps x 128, the
-// static count ptxas/cuobjdump shows) = 1.05 MFLOP -> >= 1024 SM clocks, with 128 LDSM.x4 (64 KB of shared reads,
-// ~512 clocks at 128 B/clk) and 16 KB of K/V global reads. GuppyLM's shape (B=32, H=6, T=128, D=64, causal):
-// 576 tile pairs = 0.60 GFLOP -> 9.3 us at tensor peak, but ~12.6 MB of Q/K/V/O traffic -> 39 us at 320 GB/s:
-// the forward is memory-bound at T=128, projected >= ~40 us per layer. The T<=128 backward (attn_bwd_small, 192
-// blocks of 4 warps, 2 blocks/SM) is 5376 HMMA per (b, h) = 2.1 GFLOP -> 32 us at peak, ~17 MB -> 53 us at 320 GB/s.
+// Versions, ptxas figures and the open work: notes/csrc.md. The T4 projection: notes/t4-projection.md.
+#include <string.h>
 #include "warp_ops.cuh"
 #include "philox.cuh"
 #include "attention_api.h"
@@ -111,6 +52,9 @@ template <int D> struct Cfg {
 };
 
 // ---- shared-memory tiles: rows of D fp16, XOR-swizzled 16-byte chunks ----
+// Chunk c of row r is stored at chunk c ^ swz(r), swz(r) = r % 8 (D >= 64) or (r / 2) % 4 (D = 32): the 8 row
+// addresses of one ldmatrix phase, and the 8 16-byte stores of one row group, fall in 8 different 16-byte bank groups
+// (conflict-free) with no padding (padding would cost D=128 its second block per SM). Bytes per kernel: *_smem() below.
 template <int D> DEVI int swz(int r) { return D >= 64 ? (r & 7) : ((r >> 1) & 3); }
 template <int D> DEVI int toff(int r, int chunk) { return r * D + ((chunk ^ swz<D>(r)) << 3); }
 
@@ -125,6 +69,11 @@ DEVI void load_tile(half_t* sm, const half_t* g, long long st, int row0, int T) 
         *reinterpret_cast<uint4*>(sm + toff<D>(r, c)) = v;
     }
 }
+
+// ---- warp-level MMA on tiles ----
+// Fragment layouts: warp_ops.cuh (the PTX ISA tables for m16n8k8 .f16 and ldmatrix). With groupID g = lane>>2 and
+// t = lane%4, a thread holds S[g][8j+2t+{0,1}] (c0,c1) and S[g+8][8j+2t+{0,1}] (c2,c3) of each n-tile j: a row's
+// columns live in the 4 lanes of a quad, so a row max or sum is two shfl_xor (1, 2).
 
 // A fragments (16 rows from row0, K = W columns) of a row-major tile: ldmatrix.x4 = two k-steps
 template <int W>
@@ -237,6 +186,14 @@ DEVI void store_rows(half_t* out, const float acc[D / 8][4], int row0, int T, fl
 // =================================================================================================================
 // forward
 // =================================================================================================================
+// A block owns 64 query rows, warp w rows 16w..16w+15. Q is staged through shared memory into A fragments held in
+// registers for the whole loop; K and V tiles (FBN keys) are loaded per step (128-bit global loads by all threads)
+// and read with ldmatrix: S (16 x FBN per warp) = Q K^T via non-transposed ldmatrix.x4 of K rows (the B operand K^T);
+// the S accumulators are re-packed in registers as the A fragments of P (the C layout of n-tile j is the A layout of
+// k-step j); O += P V via ldmatrix.x4.trans of V rows. Online softmax with s2 = S * log2(e): per key tile,
+// m2' = max(m2, rowmax s2), alpha = exp2(m2 - m2'), l = alpha l + rowsum exp2(s2 - m2'),
+// O = alpha O + Z exp2(s2 - m2') V / (1-p); at the end O /= l and lse = (m2 + log2 l) * ln 2.
+// Query tiles are issued last-first so that the long causal rows start first.
 template <int D>
 __global__ void __launch_bounds__(kThreads) attn_fwd(const GuppyAttnParams p) {
     constexpr int BN = Cfg<D>::FBN;
@@ -567,6 +524,10 @@ DEVI void dkv_tile(const GuppyAttnParams& p, const BwdCtx& c, int n0, half_t* sm
     block_sync();   // the caller may reuse shared memory
 }
 
+// Delta for the block's 64 rows (also written for attn_bwd_dkv), then dQ: Q fragments in registers and dO in shared
+// memory, looping over key steps of BN: S = Q K^T, dP = dO V^T, dS = P o (dP - Delta), dQ += dS K (ldmatrix.trans
+// of K). Recomputing S in both backward passes costs 7 tile MMAs per tile pair instead of 5; it buys a dQ that is
+// deterministic without atomics or a (T/64) x T x D fp32 partial buffer.
 template <int D>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq(const GuppyAttnParams p) {
     GUPPY_DYNAMIC_SMEM(smem);
@@ -577,6 +538,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq(const GuppyAttnParams p)
     dq_tile<D>(p, c, m0, reinterpret_cast<half_t*>(smem), static_cast<half_t*>(p.dq) + (long long)bh * p.T * D);
 }
 
+// A block owns 64 keys (warp w keys 16w..), looping over query steps of BQ: S^T = K Q^T, dV += Pd^T dO,
+// dP^T = V dO^T, dS^T = P^T o (dP^T - Delta), dK += dS^T Q. K and V (A operands) are streamed from shared memory
+// four k-steps at a time (mma_nt_sa).
 template <int D>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkv(const GuppyAttnParams p) {
     GUPPY_DYNAMIC_SMEM(smem);
@@ -587,6 +551,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkv(const GuppyAttnParams p
                 static_cast<half_t*>(p.dv) + off);
 }
 
+// T <= 128, D <= 64: one block per (batch, head) and no atomics: Delta for all rows, then the dK/dV body for each key
+// tile, then the dQ body for each query tile, one after the other in the same block.
 template <int D>
 __global__ void __launch_bounds__(kThreads) attn_bwd_small(const GuppyAttnParams p) {
     GUPPY_DYNAMIC_SMEM(smem);
@@ -608,6 +574,15 @@ template <int D> constexpr size_t fwd_smem() { return 2 * Cfg<D>::FBN * D * size
 template <int D> constexpr size_t dq_smem() { return (2 * Cfg<D>::BN + kBM) * D * sizeof(uint16_t); }
 template <int D> constexpr size_t dkv_smem() { return (2 * kBKV + 2 * Cfg<D>::BQ) * D * sizeof(uint16_t); }
 template <int D> constexpr size_t small_smem() { return dkv_smem<D>() > dq_smem<D>() ? dkv_smem<D>() : dq_smem<D>(); }
+
+// the bytes each launcher below requests, by kernel name (for guppy_attn_smem); 0 for an instance that is never built
+template <int D> size_t smem_bytes(const char* kernel) {
+    if (!strcmp(kernel, "fwd")) return fwd_smem<D>();
+    if (!strcmp(kernel, "bwd_dq")) return dq_smem<D>();
+    if (!strcmp(kernel, "bwd_dkv")) return dkv_smem<D>();
+    if (!strcmp(kernel, "bwd_small")) return D <= 64 ? small_smem<D>() : 0;
+    return 0;
+}
 
 template <int D>
 const char* fwd_launch(const GuppyAttnParams& p, void* stream) {
@@ -658,12 +633,13 @@ const char* guppy_attn_bwd(const GuppyAttnParams& p, void* stream) {
     }
 }
 
-size_t guppy_attn_fwd_smem(int D) {
-    return D == 32 ? guppy_attn::fwd_smem<32>() : D == 64 ? guppy_attn::fwd_smem<64>() : guppy_attn::fwd_smem<128>();
-}
-size_t guppy_attn_bwd_smem(int D) {
-    return D == 32 ? guppy_attn::small_smem<32>() : D == 64 ? guppy_attn::small_smem<64>()
-                                                            : guppy_attn::small_smem<128>();
+size_t guppy_attn_smem(const char* kernel, int D) {
+    switch (D) {
+        case 32: return guppy_attn::smem_bytes<32>(kernel);
+        case 64: return guppy_attn::smem_bytes<64>(kernel);
+        case 128: return guppy_attn::smem_bytes<128>(kernel);
+        default: return 0;
+    }
 }
 
 void guppy_attn_dropout_mask(uint8_t* keep, int B, int H, int T, float p, unsigned long long seed) {

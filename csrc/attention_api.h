@@ -32,9 +32,9 @@ struct GuppyAttnParams {
 // Launch on `stream` (a cudaStream_t on the device, ignored by the emulator). Return 0, or an error message.
 const char* guppy_attn_fwd(const GuppyAttnParams& p, void* stream);
 const char* guppy_attn_bwd(const GuppyAttnParams& p, void* stream);
-// Dynamic shared memory (bytes) each kernel requests: for target_rows and the README.
-size_t guppy_attn_fwd_smem(int D);
-size_t guppy_attn_bwd_smem(int D);
+// Dynamic shared memory (bytes) the launcher requests for `kernel` ("fwd", "bwd_dq", "bwd_dkv", "bwd_small") at head
+// dim D; 0 for an instance that is not built. `guppy targets` reads it (one source: attention.cu's tile sizes).
+size_t guppy_attn_smem(const char* kernel, int D);
 // The dropout keep mask the kernels use, regenerated on the host: keep (B, H, T, T) as 0/1 bytes.
 void guppy_attn_dropout_mask(uint8_t* keep, int B, int H, int T, float p, unsigned long long seed);
 

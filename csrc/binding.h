@@ -89,6 +89,8 @@ inline at::Tensor dropout_mask(int64_t B, int64_t H, int64_t T, double p, int64_
     return keep.to(at::kBool);
 }
 
+inline int64_t smem(const std::string& kernel, int64_t D) { return (int64_t)guppy_attn_smem(kernel.c_str(), (int)D); }
+
 inline at::Tensor test_mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
     // a (32, 2) int32 (f16x2 bits), b (32,) int32, c (32, 4) float32 -> d (32, 4) float32
     GUPPY_GUARD(c);
@@ -129,5 +131,4 @@ inline std::vector<at::Tensor> test_reduce(const at::Tensor& x, int64_t nblocks,
     m.def("test_mma", &guppy_bind::test_mma);                                                         \
     m.def("test_ldmatrix", &guppy_bind::test_ldmatrix);                                               \
     m.def("test_reduce", &guppy_bind::test_reduce);                                                   \
-    m.def("fwd_smem", &guppy_attn_fwd_smem);                                                          \
-    m.def("bwd_smem", &guppy_attn_bwd_smem);
+    m.def("smem", &guppy_bind::smem);

@@ -1,34 +1,33 @@
-"""`guppy targets`: cross-compile every Triton kernel at every launch configuration its launcher can pick, for each
-target GPU, and say whether it fits and whether its dots became tensor-core instructions. No GPU needed.
+"""`guppy targets`: cross-compile every kernel for each target GPU and say whether it fits there and whether it uses
+the tensor cores. No GPU needed: the one harness every kernel goes through (llm.c's dev/cuda/common.h is the model).
 
-Protocol (a kernel module plugs in without editing this file). Each module in `MODULES` may define
-`target_configs() -> list[dict]`, one dict per (kernel, configuration):
+Triton kernels. Each module in `MODULES` defines `target_configs() -> list[dict]`, one dict per configuration its
+launcher can pick (the launcher derives its choice from the same function, so the table cannot drift from it):
     kernel               display name
-    config               optional display string of the tile sizes (may also be folded into `kernel`)
+    config               optional display string of the tile sizes
     fn                   the @triton.jit function
-    signature            {arg: type} for triton.compiler.ASTSource ("*fp32", "i32", ...), constexprs excluded
     constexprs           {name: value}
+    types                {argument: Triton type} for the pointer and float arguments ("*fp16", "fp32", ...): one map
+                         per module may serve all its kernels; every other runtime argument is "i32"
     num_warps, num_stages
-    archs                capabilities on which the launcher can pick this configuration, e.g. (75, 80, 90)
-    expect_tensor_cores  {arch: bool}, or None when the kernel has no tl.dot. A given expectation that is not met fails.
-    attrs                optional ASTSource attrs: {(arg index,): [["tt.divisibility", 16]]} as a real launch specialises
-The module's launcher must derive its choice from the same function that `target_configs()` enumerates, so the table
-cannot drift from the dispatcher. Modules that do not import are listed as skipped.
+    archs                optional: the capabilities on which the launcher can pick it (default 75, 80, 90)
+    expect_tensor_cores  optional: True / False where the kernel has a tl.dot. An unmet expectation fails.
+`signature()` builds the ASTSource signature from the kernel's argument names and `types`, with the specialisation a
+real launch gets. Each row reports shared memory (`metadata.shared`), registers and spills (from the cubin, with the
+`cuobjdump` that ships with triton; "-" without it) and what the dots became: "mma" (`mma.sync`), "wgmma", "FMA"
+(`fma.rn.f32`, no tensor-core instruction) or "no dot".
 
-For each row: shared memory (`metadata.shared`, bytes) against the target's per-block maximum (sm_75 64 KB, sm_80
-163 KB, sm_86/89 99 KB, sm_90 227 KB); registers per thread and local-memory (spill) bytes read from the cubin with the
-`cuobjdump --dump-resource-usage` that ships with triton (triton's own metadata has no register count before the
-kernel is loaded on a device; without cuobjdump those columns say "-"), checked against 64 K registers per block;
-and what the dots became: "mma" (`mma.sync`), "wgmma", "FMA" (`fma.rn.f32`, no tensor-core instruction) or "no dot"
-(the kernel's TTIR has no tt.dot). Exit status 1 when a configuration does not fit a target it can be picked on, or a
-tensor-core expectation is not met (or a csrc row says ok = False); 0 otherwise.
+CUDA C++ kernels (`csrc/attention.cu`, archs in `CSRC_ARCHS`): one `nvcc -cubin -Xptxas -v` per arch gives registers
+and spills per kernel, `cuobjdump -sass` the count of HMMA.1688 (mma.sync m16n8k8) and LDSM (ldmatrix) instructions
+(static counts), and the extension's `smem(kernel, D)` the dynamic shared memory each launcher requests. A row is ok
+when it fits, does not spill, and on sm_75 uses HMMA.1688. Skipped, with a reason, without nvcc.
 
-`guppy.csrc.target_rows(archs)` (CUDA C++ kernels), if present, adds a second table (kernel, arch, regs, shared,
-spill_bytes, hmma, ldsm, fits, ok, note).
+Both kinds are held to one table of per-arch limits, `ARCH_LIMITS`. Exit status 1 when a row does not fit an arch its
+launcher can pick, or misses its expectation; 2 for a usage error; 0 otherwise.
 
-Compiling is a compile, not a launch, but triton decides at *import* whether a kernel is interpreted: when the kernel
-modules were imported with TRITON_INTERPRET=1 (as in the test suite), this command re-runs itself in a subprocess with
-the variable removed. Compiles are cached by triton (~/.triton/cache): a repeated run takes seconds.
+Triton decides at *import* whether a kernel is interpreted: when the kernel modules were imported with
+TRITON_INTERPRET=1 (as in the test suite), this command re-runs itself in a subprocess without it. Compiles are cached
+(triton's ~/.triton/cache, and the csrc rows by source hash in guppy's cache folder): a repeated run takes seconds.
 """
 from __future__ import annotations
 
@@ -42,20 +41,60 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 MODULES = ["guppy.kernels.layer_norm", "guppy.kernels.cross_entropy", "guppy.kernels.attention",
            "guppy.kernels.gemm_softmax"]
 DEFAULT_ARCHS = (75, 80, 90)
-# per-block shared memory maximum (opt-in), bytes
-SHARED_LIMIT = {70: 96 * 1024, 75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
-                90: 227 * 1024}
-REGS_PER_BLOCK = 64 * 1024
-MAX_REGS_PER_THREAD = 255
+# The CUDA C++ kernels are the T4's (sm_75) tensor-core path; sm_80 is the next generation that would run them. On
+# sm_90 the seam never picks them, so their register and spill budget is not held to that arch.
+CSRC_ARCHS = (75, 80)
 _CHILD_ENV = "GUPPY_TARGETS_CHILD"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Collecting and compiling
+# The target GPUs: the one table of per-arch limits (CUDA C++ Programming Guide, "Technical Specifications per
+# Compute Capability")
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArchLimits:
+    smem_per_block: int       # bytes, the opt-in maximum for one block
+    smem_per_sm: int          # bytes
+    threads_per_sm: int       # resident threads
+
+
+ARCH_LIMITS = {70: ArchLimits(96 * 1024, 96 * 1024, 2048), 75: ArchLimits(64 * 1024, 64 * 1024, 1024),
+               80: ArchLimits(163 * 1024, 164 * 1024, 2048), 86: ArchLimits(99 * 1024, 100 * 1024, 1536),
+               87: ArchLimits(163 * 1024, 164 * 1024, 1536), 89: ArchLimits(99 * 1024, 100 * 1024, 1536),
+               90: ArchLimits(227 * 1024, 228 * 1024, 2048)}
+REGS_PER_SM = 64 * 1024           # 32-bit registers, also the most one block may use, on every arch above
+MAX_REGS_PER_THREAD = 255
+REG_ALLOC_UNIT = 8                # registers per thread are allocated in steps of 8 (256 per warp)
+MAX_BLOCKS_PER_SM = 16
+
+
+def fit(arch: int, shared: int, threads: int, regs: int | None = None) -> tuple[bool, int, list[str]]:
+    """Can one block of `threads` threads with `shared` bytes and `regs` registers per thread run on sm_<arch>?
+    -> (fits, resident blocks per SM, notes). Pure: the tests feed it fabricated numbers."""
+    lim = ARCH_LIMITS[arch]
+    notes = []
+    if shared > lim.smem_per_block:
+        notes.append(f"shared {shared} B > {lim.smem_per_block} B")
+    regs_alloc = None
+    if regs is not None:
+        regs_alloc = -(-max(regs, 1) // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+        if regs > MAX_REGS_PER_THREAD or regs_alloc * threads > REGS_PER_SM:
+            notes.append(f"{regs} regs x {threads} threads > {REGS_PER_SM}")
+    if notes:
+        return False, 0, notes
+    blocks = min(lim.smem_per_sm // max(shared, 1), lim.threads_per_sm // threads, MAX_BLOCKS_PER_SM)
+    if regs_alloc is not None:
+        blocks = min(blocks, REGS_PER_SM // (regs_alloc * threads))
+    return True, blocks, notes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Triton: collect, build the signature, compile, judge
 # ----------------------------------------------------------------------------------------------------------------------
 def collect(modules=MODULES, kernel_filter: str | None = None):
     """-> (entries, skipped): entries from every importable module's target_configs(), skipped = [(module, reason)]."""
@@ -63,19 +102,30 @@ def collect(modules=MODULES, kernel_filter: str | None = None):
     for name in modules:
         try:
             mod = importlib.import_module(name)
-        except Exception as e:  # a module another engineer has not written yet, or one that fails to import
+        except Exception as e:  # e.g. triton missing or broken: the other modules still report
             skipped.append((name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
             continue
-        fn = getattr(mod, "target_configs", None)
-        if fn is None:
-            skipped.append((name, "no target_configs()"))
-            continue
-        for e in fn():
+        for e in mod.target_configs():
             label = f"{e['kernel']} {e.get('config', '')}".strip()
             if kernel_filter and kernel_filter.lower() not in label.lower():
                 continue
             entries.append(dict(e, module=name))
     return entries, skipped
+
+
+def signature(fn, constexprs: dict, types: dict) -> tuple[dict, dict]:
+    """The triton.compiler.ASTSource signature and attrs of `fn`, from its argument names: "constexpr" for the names
+    in `constexprs`, `types[name]` for pointers and floats, "i32" for every other argument.
+
+    attrs: the specialisation a real launch at the model's shapes gets: pointers 16-byte aligned (torch allocations
+    are) and `stride*` arguments divisible by 16 (the model's rows are multiples of 16 elements). Without them the
+    compile shows unvectorised loads and, on sm_80+, no cp.async pipelining."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        sig[name] = "constexpr" if name in constexprs else types.get(name, "i32")
+        if sig[name].startswith("*") or name.startswith("stride"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
 
 
 def _is_compilable(fn) -> bool:
@@ -94,12 +144,10 @@ def find_cuda_tool(name: str) -> str | None:
             return os.path.join(base, "bin", name)
     try:
         import triton
-        p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-        if os.path.exists(p):
-            return p
     except ImportError:
-        pass
-    return None
+        return None
+    p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return p if os.path.exists(p) else None
 
 
 def resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
@@ -125,21 +173,13 @@ def compile_entry(entry: dict, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    sig = dict(entry["signature"])
-    for k in entry["constexprs"]:
-        sig[k] = "constexpr"
-    # attrs: the specialisations a real launch gets (16-byte aligned pointers, strides divisible by 16); without them
-    # the compile would show unvectorised loads and, on sm_80+, no cp.async pipelining
-    src = triton.compiler.ASTSource(fn=entry["fn"], signature=sig, constexprs=dict(entry["constexprs"]),
-                                    attrs=entry.get("attrs"))
+    sig, attrs = signature(entry["fn"], entry["constexprs"], entry["types"])
+    src = triton.compiler.ASTSource(fn=entry["fn"], signature=sig, constexprs=dict(entry["constexprs"]), attrs=attrs)
     t0 = time.perf_counter()
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]})
     seconds = time.perf_counter() - t0
-    regs = getattr(k.metadata, "n_regs", None)
-    local = None
-    if regs is None:
-        regs, local = resource_usage(k.asm.get("cubin", b""))
+    regs, local = resource_usage(k.asm.get("cubin", b""))
     return dict(shared=int(k.metadata.shared), ptx=k.asm.get("ptx", ""), ttir=k.asm.get("ttir", ""), regs=regs,
                 local=local, seconds=seconds)
 
@@ -156,36 +196,24 @@ def dot_kind(ptx: str, ttir: str) -> str:
     return "other"
 
 
+def _row(entry: dict, arch: int, **fields) -> dict:
+    return dict(module=entry.get("module", ""), kernel=entry["kernel"], config=entry.get("config", ""), arch=arch,
+                num_warps=entry["num_warps"], num_stages=entry["num_stages"],
+                shared_limit=ARCH_LIMITS[arch].smem_per_block, **fields)
+
+
 def check_row(entry: dict, arch: int, shared: int, dot: str, regs: int | None = None,
               local: int | None = None) -> dict:
     """The verdict for one (entry, arch) from its compile results. Pure: tests feed it fabricated numbers."""
-    limit = SHARED_LIMIT.get(arch)
-    notes = []
-    fits = True
-    if limit is None:
-        notes.append(f"no shared-memory limit known for sm_{arch}")
-    elif shared > limit:
-        fits = False
-        notes.append(f"shared {shared} B > {limit} B")
-    if regs is not None:
-        threads = 32 * int(entry["num_warps"])
-        if regs > MAX_REGS_PER_THREAD or regs * threads > REGS_PER_BLOCK:
-            fits = False
-            notes.append(f"{regs} regs x {threads} threads > {REGS_PER_BLOCK}")
+    fits, _, notes = fit(arch, shared, 32 * int(entry["num_warps"]), regs)
     if local:
         notes.append(f"{local} B local memory per thread (spills)")
-    expect = entry.get("expect_tensor_cores")
-    want = expect.get(arch) if isinstance(expect, dict) else None
-    tc = dot in ("mma", "wgmma")
-    expect_ok = True
-    if want is not None:
-        expect_ok = (tc == bool(want))
-        if not expect_ok:
-            notes.append(f"expected {'tensor cores' if want else 'no tensor cores'}, got {dot}")
-    return dict(module=entry.get("module", ""), kernel=entry["kernel"], config=entry.get("config", ""), arch=arch,
-                num_warps=entry["num_warps"], num_stages=entry["num_stages"], shared=shared, shared_limit=limit,
-                regs=regs, local=local, dot=dot, expect_tensor_cores=want, fits=fits, ok=fits and expect_ok,
-                note="; ".join(notes))
+    want = entry.get("expect_tensor_cores")
+    expect_ok = want is None or (dot in ("mma", "wgmma")) == bool(want)
+    if not expect_ok:
+        notes.append(f"expected {'tensor cores' if want else 'no tensor cores'}, got {dot}")
+    return _row(entry, arch, shared=shared, regs=regs, local=local, dot=dot, expect_tensor_cores=want, fits=fits,
+                ok=fits and expect_ok, note="; ".join(notes))
 
 
 def evaluate(entries, archs) -> list[dict]:
@@ -197,13 +225,120 @@ def evaluate(entries, archs) -> list[dict]:
             try:
                 c = compile_entry(e, arch)
             except Exception as exc:  # a configuration that does not compile is a failure, reported as a row
-                rows.append(dict(module=e.get("module", ""), kernel=e["kernel"], config=e.get("config", ""),
-                                 arch=arch, num_warps=e["num_warps"], num_stages=e["num_stages"], shared=None,
-                                 shared_limit=SHARED_LIMIT.get(arch), regs=None, local=None, dot="-",
-                                 expect_tensor_cores=None, fits=False, ok=False,
+                rows.append(_row(e, arch, shared=None, regs=None, local=None, dot="-", expect_tensor_cores=None,
+                                 fits=False, ok=False,
                                  note=f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
                 continue
             rows.append(check_row(e, arch, c["shared"], dot_kind(c["ptx"], c["ttir"]), c["regs"], c["local"]))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CUDA C++: nvcc + ptxas + SASS counts for csrc/attention.cu
+# ----------------------------------------------------------------------------------------------------------------------
+CSRC_THREADS = 128                # every attention.cu kernel launches 4 warps
+_CSRC_NAME = re.compile(r"attn_(fwd|bwd_dq|bwd_dkv|bwd_small)ILi(\d+)E")
+
+
+def parse_ptxas(text: str) -> dict:
+    """`nvcc -Xptxas -v` output -> {mangled kernel: {regs, static_smem, spill, stack}}."""
+    out, cur = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line)
+        if m:
+            cur = m.group(1)
+            out[cur] = {"regs": 0, "static_smem": 0, "spill": 0, "stack": 0}
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            out[cur]["stack"] = int(m.group(1))
+            out[cur]["spill"] = int(m.group(2)) + int(m.group(3))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            out[cur]["regs"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            out[cur]["static_smem"] = int(s.group(1)) if s else 0
+    return out
+
+
+def parse_sass(text: str) -> dict:
+    """`cuobjdump -sass` output -> {mangled kernel: {hmma, ldsm}} (HMMA.1688 and LDSM instruction counts)."""
+    out, cur = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            cur = m.group(1)
+            out[cur] = {"hmma": 0, "ldsm": 0}
+        elif cur is not None:
+            out[cur]["hmma"] += "HMMA.1688" in line
+            out[cur]["ldsm"] += bool(re.search(r"\bLDSM\b", line))
+    return out
+
+
+def _nvcc_cubin(arch: int, nvcc: str, cuobjdump: str, src_dir: str, tmp: str) -> tuple[dict, dict]:
+    cubin = os.path.join(tmp, f"attention_sm{arch}.cubin")
+    r = subprocess.run([nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", "-Xptxas", "-v", "-I", src_dir, "-o", cubin,
+                        os.path.join(src_dir, "attention.cu")], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"nvcc failed for sm_{arch}: {r.stderr[-2000:]}")
+    s = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True)
+    if s.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed for sm_{arch}: {s.stderr[-500:]}")
+    return parse_ptxas(r.stderr + r.stdout), parse_sass(s.stdout)
+
+
+def csrc_arch_rows(arch: int, ptxas: dict, sass: dict, smem) -> list[dict]:
+    """The rows of one arch from its ptxas and SASS counts; smem(kind, D) = dynamic bytes the launcher requests."""
+    rows = []
+    for mangled, info in ptxas.items():
+        m = _CSRC_NAME.search(mangled)
+        if m is None:
+            raise RuntimeError(f"attention.cu has a kernel this table does not know: {mangled} (see _CSRC_NAME)")
+        kind, D = m.group(1), int(m.group(2))
+        shared = info["static_smem"] + smem(kind, D)
+        counts = sass.get(mangled, {"hmma": 0, "ldsm": 0})
+        fits, blocks, notes = fit(arch, shared, CSRC_THREADS, info["regs"])
+        ok = fits and info["spill"] == 0 and (arch != 75 or counts["hmma"] > 0)
+        notes.append(f"{blocks} block(s)/SM by regs+smem")
+        if info["stack"]:
+            notes.append(f"{info['stack']} B stack frame")
+        if kind == "bwd_small":
+            notes.append("T <= 128 path")
+        elif kind in ("bwd_dq", "bwd_dkv") and D <= 64:
+            notes.append("T > 128 path")
+        row = {"kernel": f"attn_{kind}<D={D}>", "arch": arch, "regs": info["regs"], "shared": shared,
+               "spill_bytes": info["spill"], "hmma": counts["hmma"], "ldsm": counts["ldsm"], "fits": fits, "ok": ok,
+               "note": "; ".join(notes)}
+        rows.append(((kind, D), row))
+    return [row for _, row in sorted(rows, key=lambda kr: kr[0])]
+
+
+def csrc_rows(archs=CSRC_ARCHS, use_cache: bool = True) -> list[dict]:
+    """One row per (attention.cu kernel instance, arch). Raises RuntimeError when nvcc or cuobjdump is missing or
+    fails. Builds (once, cached) the host extension for its `smem()`: the shared-memory sizes have one source."""
+    from guppy.csrc.extension import HERE, cache_root, file_lock, load, source_hash
+
+    archs = tuple(int(a) for a in archs)
+    nvcc, cuobjdump = find_cuda_tool("nvcc"), find_cuda_tool("cuobjdump")
+    if nvcc is None:
+        raise RuntimeError("needs nvcc (CUDA toolkit) on PATH or in $CUDA_HOME/bin")
+    if cuobjdump is None:
+        raise RuntimeError("needs cuobjdump (CUDA toolkit, the triton wheel, or nvidia-cuda-cuobjdump)")
+    path = os.path.join(cache_root(), f"targets-{source_hash()}-{'_'.join(map(str, archs))}.json")
+    with file_lock(os.path.join(cache_root(), "targets.lock")):
+        if use_cache and os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        smem = load("cpu").smem
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for arch in archs:
+                rows += csrc_arch_rows(arch, *_nvcc_cubin(arch, nvcc, cuobjdump, HERE, tmp), smem)
+        with open(path + ".tmp", "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(path + ".tmp", path)
     return rows
 
 
@@ -223,7 +358,9 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     body = [[("yes" if r.get(k) else "no") if k == "expect_tensor_cores" and r.get(k) is not None else _fmt(r.get(k))
              for k, _ in columns] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    def line(cells):
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 
@@ -234,26 +371,6 @@ TRITON_COLUMNS = [("kernel", "kernel"), ("config", "config"), ("arch", "sm"), ("
 CSRC_COLUMNS = [("kernel", "kernel"), ("arch", "sm"), ("regs", "regs"), ("shared", "shared B"),
                 ("spill_bytes", "spill B"), ("hmma", "hmma"), ("ldsm", "ldsm"), ("fits", "fits"), ("ok", "ok"),
                 ("note", "note")]
-
-
-def csrc_rows(archs) -> tuple[list[dict], str | None]:
-    """-> (rows, reason they were skipped or None)."""
-    try:
-        csrc = importlib.import_module("guppy.csrc")
-    except Exception as e:
-        return [], f"guppy.csrc does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    fn = getattr(csrc, "target_rows", None)
-    if fn is None:
-        return [], "guppy.csrc has no target_rows()"
-    try:
-        return list(fn([a for a in archs if a in CSRC_ARCHS])), None
-    except Exception as e:
-        return [], f"guppy.csrc.target_rows failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-
-
-# The CUDA C++ kernels are the T4's (sm_75) tensor-core path; sm_80 is listed as the next generation that would run
-# them. On sm_90 `auto` never picks them, so their register/spill budget is not held to that arch.
-CSRC_ARCHS = (75, 80)
 
 
 def exit_code(rows: list[dict]) -> int:
@@ -269,7 +386,7 @@ def parse_args(argv):
                    help="comma-separated compute capabilities, e.g. 75,80,90 (default)")
     p.add_argument("--kernel", default=None, help="only kernels whose name or config contains this substring")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every row to PATH as JSON")
-    p.add_argument("--no-csrc", action="store_true", help="skip guppy.csrc.target_rows")
+    p.add_argument("--no-csrc", action="store_true", help="skip the CUDA C++ kernels (nvcc)")
     return p.parse_args(argv)
 
 
@@ -280,6 +397,24 @@ def _rerun_without_interpreter(argv) -> int:
     return subprocess.run([sys.executable, "-c", code, *argv], env=env).returncode
 
 
+def _csrc_section(args, archs) -> list[dict]:
+    csrc_archs = [a for a in archs if a in CSRC_ARCHS]
+    if args.no_csrc or not csrc_archs:
+        print("\ncsrc rows skipped: " + ("--no-csrc" if args.no_csrc else f"they are checked on sm_{CSRC_ARCHS}"))
+        return []
+    try:
+        rows = csrc_rows(csrc_archs)
+    except Exception as e:  # no nvcc, or a build that fails: the Triton table still stands, with the reason
+        print(f"\ncsrc rows skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return []
+    if args.kernel:
+        rows = [r for r in rows if args.kernel.lower() in r["kernel"].lower()]
+    if rows:
+        print("\nguppy.csrc (CUDA C++)")
+        print(format_table(rows, CSRC_COLUMNS))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -288,12 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"guppy targets: --arch {args.arch!r}: expected comma-separated integers like 75,80,90", file=sys.stderr)
         return 2
-    unknown = [a for a in archs if a not in SHARED_LIMIT]
+    unknown = [a for a in archs if a not in ARCH_LIMITS]
     if unknown:
-        print(f"guppy targets: unknown arch {unknown}; known: {', '.join(map(str, SHARED_LIMIT))}", file=sys.stderr)
+        print(f"guppy targets: unknown arch {unknown}; known: {', '.join(map(str, ARCH_LIMITS))}", file=sys.stderr)
         return 2
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         print("guppy targets: triton is not installed (pip install triton)", file=sys.stderr)
         return 2
@@ -303,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         return _rerun_without_interpreter(argv)
     entries, skipped = collect(MODULES, args.kernel)
-    if any(not _is_compilable(e["fn"]) for e in entries):
+    if any(not _is_compilable(e["fn"]) for e in entries):  # imported under the interpreter earlier in this process
         if os.environ.get(_CHILD_ENV):
             print("guppy targets: kernels were imported under TRITON_INTERPRET and cannot be compiled", file=sys.stderr)
             return 2
@@ -312,41 +447,25 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     rows = evaluate(entries, archs)
-    elapsed = time.perf_counter() - t0
-    import triton as _t
-    print(f"guppy targets: triton {_t.__version__}, {len(entries)} configurations, archs {', '.join(map(str, archs))}, "
-          f"{len(rows)} compiles in {elapsed:.1f} s")
+    print(f"guppy targets: triton {triton.__version__}, {len(entries)} configurations, archs "
+          f"{', '.join(map(str, archs))}, {len(rows)} compiles in {time.perf_counter() - t0:.1f} s")
     for name, reason in skipped:
         print(f"  skipped {name}: {reason}")
     if find_cuda_tool("cuobjdump") is None:
         print("  registers and spills: not available (no cuobjdump; triton's metadata has no n_regs before loading)")
     for arch in archs:
         arch_rows = [r for r in rows if r["arch"] == arch]
-        if not arch_rows:
-            continue
-        print(f"\nsm_{arch} (shared-memory limit {SHARED_LIMIT[arch]} B per block)")
-        print(format_table(arch_rows, TRITON_COLUMNS))
-
-    extra = []
-    if args.no_csrc:
-        print("\ncsrc rows skipped: --no-csrc")
-    else:
-        extra, reason = csrc_rows(archs)
-        if reason:
-            print(f"\ncsrc rows skipped: {reason}")
-        elif args.kernel:
-            extra = [r for r in extra if args.kernel.lower() in str(r.get("kernel", "")).lower()]
-        if extra:
-            print("\nguppy.csrc (CUDA C++)")
-            print(format_table(extra, CSRC_COLUMNS))
+        if arch_rows:
+            print(f"\nsm_{arch} (shared-memory limit {ARCH_LIMITS[arch].smem_per_block} B per block)")
+            print(format_table(arch_rows, TRITON_COLUMNS))
+    extra = _csrc_section(args, archs)
 
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"triton": rows, "csrc": extra}, f, indent=1, default=str)
-    rc = exit_code(rows + extra)
     bad = [r for r in rows + extra if r.get("ok") is False]
     print(f"\n{len(bad)} configuration(s) failing" if bad else "\nall configurations fit and meet expectations")
-    return rc
+    return exit_code(rows + extra)
 
 
 if __name__ == "__main__":

@@ -1,84 +1,44 @@
 """FlashAttention-2 in Triton: forward and backward, causal, packed segments, in-kernel Philox dropout.
 
-Computes `guppy.reference.attention_reference` (the specification):
+Computes `guppy.reference.attention_reference` (the specification) without ever building a (T, T) matrix:
 
     O = dropout(softmax(Q Kᵀ · sm_scale + mask)) V,      Q, K, V, O: (B, H, T, D)
+    mask(i, j) = [j <= i if causal] and [seg[b, i] == seg[b, j] if segment_ids]
 
-mask(i, j) = [j <= i if causal] and [seg[b, i] == seg[b, j] if segment_ids], without ever building the (T, T) matrix.
+Forward: online softmax in base 2 (log2(e) folded into the scale, so every exponential is one `exp2`). With
+s_ij = q_i·k_j · sm_scale · log2(e), K visited in blocks of BLOCK_N, and Z_ij = keep_ij / (1 − p_drop):
 
-Forward (one program per (Q block of BLOCK_M rows, b·h)), online softmax in base 2 (log2(e) folded into the scale,
-so every exponential is one `exp2`). With s_ij = q_i·k_j · sm_scale · log2(e) and K visited in blocks of BLOCK_N:
+    m_i' = max(m_i, max_j s_ij),   α = 2^(m_i − m_i'),   p_ij = 2^(s_ij − m_i')
+    l_i' = α · l_i + Σ_j p_ij      (dropout does NOT enter the softmax denominator)
+    acc' = α · acc + (p ∘ Z) V,    O_i = acc_i / l_i,    LSE_i = ln(l_i) + m_i · ln 2  (saved, fp32)
 
-    m_i' = max(m_i, max_j s_ij)                       running row maximum (starts at -1e30, finite: see "masking")
-    α    = 2^(m_i − m_i')                             rescales what was accumulated under the old maximum
-    p_ij = 2^(s_ij − m_i')
-    l_i' = α · l_i + Σ_j p_ij                         softmax denominator (dropout does NOT enter it)
-    acc' = α · acc + (p ∘ Z) V                        Z_ij = keep_ij / (1 − p_drop)  (Z = 1 without dropout)
-    O_i  = acc_i / l_i,    LSE_i = ln(l_i) + m_i · ln 2   (natural-log log-sum-exp of the scaled scores, fp32, (B,H,T))
+Backward, with P = exp(S·sm_scale − LSE) recomputed from the saved LSE and Pd = P ∘ Z:
 
-Causal programs run two stages: the off-diagonal K blocks [0, start_m) with no mask arithmetic at all, then the diagonal
-K blocks [start_m, start_m + BLOCK_M) with the j <= i mask (BLOCK_M % BLOCK_N == 0). Non-causal programs run the full K
-blocks unmasked and only the tail block masked (j < T).
+    delta_i = Σ_d O_id · dO_id  (= Σ_j Pd_ij · dPd_ij),   dV = Pdᵀ dO,   dP = (dO Vᵀ) ∘ Z,
+    dS = P ∘ (dP − delta),   dQ = dS K · sm_scale,   dK = dSᵀ Q · sm_scale
 
-Backward, with P = exp(S·sm_scale − LSE) recomputed from the saved LSE, and Pd = P ∘ Z the dropped probabilities:
+Grid (one program owns its output rows: no atomics, deterministic):
+    _attn_fwd               (T / BLOCK_M, B·H)   a Q block, looping over K blocks (causal: unmasked, then diagonal)
+    _attn_bwd_preprocess    (T / BLOCK_M, B·H)   delta
+    _attn_bwd_dkdv          (T / BLOCK_N, B·H)   a K block, looping over Q blocks
+    _attn_bwd_dq            (T / BLOCK_M, B·H)   a Q block, looping over K blocks
+`attention_config(arch, head_dim, dtype)` is the one place that picks tiles, warps and stages; the launchers call it
+and `target_configs()` enumerates everything it can return for `guppy targets`. arch 0 = the CPU interpreter (small
+blocks, so that the tests cross block boundaries, both causal stages and the segment skip).
+Segments: a K block whose [min, max] id range misses the Q block's is skipped (exact for any ids; it skips much only
+for the non-decreasing ids that packing produces). Dropout: `_utils.dropout_keep`, Philox on (seed, b·H + h, i, j),
+regenerated where used (`dropout_mask` materialises it for tests); the seed is read from a (1,) device tensor, so a
+captured CUDA graph draws a fresh mask per replay. Nothing of size T² is stored.
 
-    preprocess  delta_i = Σ_d O_id · dO_id  (= Σ_j Pd_ij · dPd_ij, because O = Pd V)        grid (T/BLOCK, B·H)
-    dV = Pdᵀ dO
-    dPd = dO Vᵀ,   dP = dPd ∘ Z                       (dropout folded in: the same regenerated Z as the forward)
-    dS = P ∘ (dP − delta)
-    dQ = dS K · sm_scale,   dK = dSᵀ Q · sm_scale
+Dtypes and limits: q, k, v of one shape (B, H, T, D), Tq == Tk (the model decodes with the reference); fp16 / bf16 /
+fp32 (fp32 dots use input_precision="ieee", not tf32: fp32 is the exact test dtype, not the fast one); 16 <= D <= 128
+(BLOCK_D = next_pow2(D), lanes masked); strided inputs with unit stride in D (other views are copied once); segment
+ids (B, T) of any integer dtype; dropout_p in [0, 1); B·H < 65536 (grid axis 1); T < 2³² (32-bit Philox counters).
+Masked scores are −inf and the running max starts at −1e30, so a row that has seen only masked keys so far keeps
+p = 0, α = 1 and no NaN; out-of-range rows, keys and head-dim lanes load as 0 and are never stored.
 
-    `_attn_bwd_dkdv`: one program per (K block of BLOCK_N1, b·h), loops over Q blocks of BLOCK_M1 (causal: from the
-    diagonal down, the first BLOCK_N1/BLOCK_M1 of them masked). `_attn_bwd_dq`: one program per (Q block of BLOCK_M2,
-    b·h), loops over K blocks of BLOCK_N2 (causal: the off-diagonal ones unmasked, then the diagonal ones masked).
-    Every program owns its output rows: no atomics, deterministic. Saved for backward: q, k, v, o, lse (+ segment ids,
-    and the (1,) dropout seed tensor). Nothing of size T² is stored, the dropout mask included.
-
-Dropout: keep_ij = uniform(Philox(key=seed, counter=(j, i, b·H + h, 0))) >= p_drop, evaluated in-kernel where it is
-used (forward, both backward kernels, and `dropout_mask`, which materialises it for tests). Same seed, same mask on every
-GPU and in the interpreter; `torch.manual_seed` fixes the seed drawn when `dropout_seed` is None. The kernels read the
-seed from a (1,) int64 tensor, drawn on the device, so a captured CUDA graph gets a fresh mask on every replay.
-
-Segments (packed rows): a K block is *skipped* (no loads of K/V, no dot) when its [min, max] segment-id range does not
-overlap the Q block's range; the ranges are computed on the fly from the loaded ids. The test is exact for any ids (no
-overlap of ranges ⇒ no equal pair); it only *skips much* when ids are non-decreasing along T, which is what packing
-produces. Ids are not required to be sorted and are not validated (unsorted ids are correct, just not faster).
-
-Masking and tails: masked scores are −inf and the running max starts at −1e30, so a row that has seen only masked keys
-so far keeps p = 0, α = 1 and no NaN. Every valid row (i < T) attends at least to itself (Tq == Tk), so l_i > 0 when it
-is written. Out-of-range rows/keys (the T tail of the last block) and padded head-dim lanes (D < BLOCK_D) are loaded
-as 0; in the backward the unmasked stages rely on that: a zero q/dO row (lse, delta loaded as 0) or zero k/v row adds
-exactly 0 to every dK/dV/dQ product, and tail outputs are never stored.
-
-Limits: q, k, v of equal shape (B, H, T, D) (no KV cache: the model decodes with the reference), 16 <= D <= 128 (any D:
-BLOCK_D = next_pow2(D) with masked lanes), fp16/bf16/fp32 (fp32 dots use input_precision="ieee", not tf32, so fp32
-matches the reference to ~1e-6; fp32 is the test dtype, not the speed one), strided inputs with unit stride in D
-(other views are copied once), segment ids (B, T) of any integer dtype (cast to int32), dropout_p in [0, 1).
-B·H < 65536 (grid axis 1). Philox counters are 32-bit, so T < 2³².
-
-Grid and configuration: `attention_config(arch, head_dim, dtype)` is the only place block sizes / warps / stages are
-chosen; the launchers call it and `target_configs()` enumerates everything it can return, so the `guppy targets`
-cross-compile table cannot drift from the dispatcher. arch 0 = the Triton CPU interpreter (small blocks so T = 64..129
-exercise several blocks, both causal stages and the segment skip).
-
-T4 (sm_75): Triton >= 3.4 lowers tl.dot to fp32 FMA on sm_75 (see /work/shared/GPU-FACTS.md), so this kernel runs
-without tensor cores there. The candidates and the FLOP/byte projection are in notes/attention.md and
-`choose_attention` below; NONE of it is measured on a T4.
-
-History (what was actually tried; no GPU was available, so no timings yet — a later benchmark run fills them in):
-  v1 (this file): FA2 forward with two causal stages + base-2 online softmax; backward as preprocess + dK/dV + dQ
-      kernels (Triton 06-fused-attention structure), segment-range block skip, Philox dropout keyed on (seed,b,h,i,j)
-      via tl.random.philox with 32-bit counters (no int64 offset arithmetic, no overflow at any B·H·T²).
-      Validated on CPU under TRITON_INTERPRET=1 (tests/test_attention.py; fp32/fp16 — the interpreter's bf16 tl.dot
-      returns garbage even for a bare 16x16 dot, so bf16 is covered by the GPU tests only); cross-compiled for
-      sm_75/80/90 (table in notes/attention.md). GPU timing: pending.
-  v1a: sm_75, D = 128: the backward first used the D <= 64 tiles (dK/dV 32x64, dQ 64x32); cross-compiled they need
-      82 KB (fp16) / 106 KB (fp32) of shared memory on sm_75 (FMA dots stage both operands there) > 64 KB, so they
-      would not launch on a T4. Now 16x32 / 32x16 for D = 128 on sm_75.
-  Known cost, not fixed: with segment ids, the per-block skip is an `if` inside the K loop, and the sm_80+ software
-      pipeliner does not pipeline through it (cross-compiled fwd fp16 D64 sm_80: 64 cp.async and 48 KB without
-      segments, 0 cp.async and 24 KB with). Irrelevant on sm_75 (no pipelining there). The fix would be to require
-      sorted ids and compute the [first, last) overlapping K block per Q block (binary search) before the loop.
+On sm_75 with triton >= 3.4 tl.dot lowers to fp32 FMA (notes/gpu-facts.md): no tensor cores on a T4. The candidates
+for a T4, their projection, versions and the cross-compile table: notes/attention.md.
 """
 from __future__ import annotations
 
@@ -88,30 +48,17 @@ import torch
 import triton
 import triton.language as tl
 
-from guppy.kernels._utils import check_triton_device as _check_device
-from guppy.reference import check_attention_args
+from guppy.kernels._utils import (LOG2E, arch_class, check_attention_inputs, check_triton_device, device_arch,
+                                  dropout_keep)
 from guppy.seeds import dropout_seed_tensor
 
-LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-NEG_INIT = tl.constexpr(-1.0e30)         # initial running max: finite, so fully-masked-so-far rows give α = 1, p = 0, no NaN
+NEG_INIT = tl.constexpr(-1.0e30)   # initial running max: finite, so rows fully masked so far give α = 1, p = 0, no NaN
 
 
 # ====================================================================================================================
-# Dropout: the keep mask as a pure function of (seed, b·H + h, i, j)
+# Dropout: the keep mask materialised, for tests (the kernels evaluate `dropout_keep` where they use it)
 # ====================================================================================================================
-@triton.jit
-def _keep(seed, bh, rows, cols, dropout_p):
-    """keep[i, j] for query indices `rows` and key indices `cols` (2-D, broadcastable): Philox-4x32 with counter
-    (j, i, bh, 0) under key `seed`, first output word -> uniform [0, 1) -> keep iff u >= p."""
-    z = (rows * 0 + cols * 0).to(tl.uint32)                       # broadcast shape, uint32 zeros
-    c0 = z + cols.to(tl.uint32)
-    c1 = z + rows.to(tl.uint32)
-    c2 = z + bh.to(tl.uint32)
-    r, _, _, _ = tl.random.philox(seed, c0, c1, c2, z)
-    return tl.random.uint_to_uniform_float(r) >= dropout_p
-
-
 @triton.jit
 def _dropout_mask_kernel(OUT,                    # (B·H, T, T) int8 keep mask, contiguous
                          T, SEED, dropout_p,      # SEED: (1,) int64
@@ -122,7 +69,7 @@ def _dropout_mask_kernel(OUT,                    # (B·H, T, T) int8 keep mask, 
     out = OUT + bh.to(tl.int64) * T * T
     for start_n in range(0, T, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = _keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+        keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
         msk = (offs_m[:, None] < T) & (offs_n[None, :] < T)
         tl.store(out + offs_m[:, None] * T + offs_n[None, :], keep.to(tl.int8), mask=msk)
 
@@ -130,7 +77,7 @@ def _dropout_mask_kernel(OUT,                    # (B·H, T, T) int8 keep mask, 
 def dropout_mask(seed, B: int, H: int, T: int, p: float, device) -> torch.Tensor:
     """The bool keep-mask (B, H, T, T) that `attention(..., dropout_p=p, dropout_seed=seed)` applies (for tests)."""
     out = torch.empty((B, H, T, T), dtype=torch.int8, device=device)
-    _check_device(out, op="dropout_mask")
+    check_triton_device(out, op="dropout_mask")
     BM, BN = 32, 64
     _dropout_mask_kernel[(triton.cdiv(T, BM), B * H)](out, T, dropout_seed_tensor(p, seed, device), float(p),
                                                       BLOCK_M=BM, BLOCK_N=BN)
@@ -140,6 +87,9 @@ def dropout_mask(seed, B: int, H: int, T: int, p: float, device) -> torch.Tensor
 # ====================================================================================================================
 # Forward
 # ====================================================================================================================
+# Segments: the ranges are computed on the fly from the loaded ids. No overlap of the Q block's and the K block's
+# [min, max] ranges implies no equal pair, so the skip is exact for any ids; ids are neither required to be sorted nor
+# validated (unsorted ids are correct, just not faster).
 @triton.jit
 def _seg_range(seg_ptr, offs, T):
     """(min, max) of the segment ids at the valid positions of `offs` (positions >= T excluded)."""
@@ -184,7 +134,7 @@ def _fwd_inner(acc, l_i, m_i, q, q_seg, q_lo, q_hi,
             p = tl.math.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if DROPOUT:
-                p = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p), p, 0.0)
+                p = tl.where(dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p), p, 0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],                # (BLOCK_N, BLOCK_D)
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -192,6 +142,10 @@ def _fwd_inner(acc, l_i, m_i, q, q_seg, q_lo, q_hi,
     return acc, l_i, m_i
 
 
+# One program per (Q block, b·h). Causal programs run two stages: the K blocks left of the diagonal block,
+# [0, start_m), with no mask arithmetic at all, then the diagonal K blocks [start_m, start_m + BLOCK_M) with j <= i
+# (BLOCK_M % BLOCK_N == 0). Non-causal programs run the full K blocks unmasked and only the tail block masked (j < T).
+# Every valid row (i < T) attends at least to itself, so l_i > 0 where it is stored.
 @triton.jit
 def _attn_fwd(Q, K, V,                # (B, H, T, D) strided views, unit stride in D
               O,                      # (B, H, T, D) contiguous, output
@@ -279,7 +233,7 @@ def _dkdv_inner(dk, dv, k, v, k_seg, offs_n, offs_d,
                 lo, hi, T, k_lo, k_hi, qk_scale, dropout_p, seed, bh,
                 HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 HAS_SEG: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate dK, dV of one K block over the Q blocks [lo, hi). Tiles are transposed: rows = keys, cols = queries."""
+    """Accumulate dK, dV of one K block over the Q blocks [lo, hi). Transposed tiles: rows = keys, cols = queries."""
     d_ok = offs_d < HEAD_D
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -302,7 +256,7 @@ def _dkdv_inner(dk, dv, k, v, k_seg, offs_n, offs_d,
             do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :],             # (BLOCK_M, BLOCK_D)
                          mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             if DROPOUT:
-                zT = tl.where(_keep(seed, bh, offs_m[None, :], offs_n[:, None], dropout_p),
+                zT = tl.where(dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], dropout_p),
                               1.0 / (1.0 - dropout_p), 0.0)
                 pdT = pT * zT
             else:
@@ -317,6 +271,9 @@ def _dkdv_inner(dk, dv, k, v, k_seg, offs_n, offs_d,
     return dk, dv
 
 
+# One program per (K block of BLOCK_N, b·h), looping over Q blocks of BLOCK_M (causal: from the diagonal down, the
+# first BLOCK_N / BLOCK_M of them masked). The unmasked stages rely on the zero-filled tails: a zero q or dO row (lse
+# and delta loaded as 0) adds exactly 0 to every dK / dV product.
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO,        # (B, H, T, D) strided, unit stride in D
                    DK, DV,            # (B, H, T, D) contiguous, outputs
@@ -397,13 +354,15 @@ def _dq_inner(dq, q, do, lse, delta, q_seg, q_lo, q_hi, offs_m, offs_d,
                 p = tl.where(q_seg[:, None] == k_seg[None, :], p, 0.0)
             dp = tl.dot(do, vT, input_precision=DOT_PREC)                                     # dO Vᵀ
             if DROPOUT:
-                dp = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p),
+                dp = tl.where(dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p),
                               dp * (1.0 / (1.0 - dropout_p)), 0.0)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)              # dQ += dS K
     return dq
 
 
+# One program per (Q block of BLOCK_M, b·h), looping over K blocks of BLOCK_N (causal: the off-diagonal ones
+# unmasked, then the diagonal ones masked); zero k / v tail rows add exactly 0 to dQ.
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO,          # (B, H, T, D) strided, unit stride in D
                  DQ,                  # (B, H, T, D) contiguous, output
@@ -457,14 +416,6 @@ def _attn_bwd_dq(Q, K, V, DO,          # (B, H, T, D) strided, unit stride in D
 # Configuration: the one function that picks tiles, and the table built from it
 # ====================================================================================================================
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_TRITON_PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
-
-
-def _arch_class(arch: int) -> int:
-    """0 = interpreter, 75 = Turing (and older), 80 = Ampere/Ada (8.x), 90 = Hopper and newer."""
-    if arch == 0:
-        return 0
-    return 75 if arch < 80 else (80 if arch < 90 else 90)
 
 
 def attention_config(arch: int, head_dim: int, dtype) -> dict:
@@ -478,7 +429,7 @@ def attention_config(arch: int, head_dim: int, dtype) -> dict:
     name = _DTYPES[dtype] if not isinstance(dtype, str) else dtype
     block_d = max(16, triton.next_power_of_2(head_dim))
     wide = name == "fp32"                     # fp32 tiles: twice the bytes per operand in shared memory
-    cls = _arch_class(arch)
+    cls = arch_class(arch)
     if cls == 0:   # interpreter: small tiles so the tests cross block boundaries; warps/stages are ignored there
         return {"fwd": (32, 16, 1, 1), "bwd_dkdv": (16, 32, 1, 1), "bwd_dq": (32, 16, 1, 1), "bwd_pre": (32, 1)}
     if cls == 75:  # FMA dots (triton >= 3.4): no pipelining on sm_75, so stages = 1; 4 warps, 64-row Q tiles
@@ -503,84 +454,47 @@ def attention_config(arch: int, head_dim: int, dtype) -> dict:
             "bwd_pre": (128, 4)}
 
 
-def _device_arch(t: torch.Tensor) -> int:
-    if not t.is_cuda:
-        return 0
-    major, minor = torch.cuda.get_device_capability(t.device)
-    return 10 * major + minor
-
-
 def _dot_precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 or dtype == "fp32" else "tf32"   # (tf32 is ignored for fp16/bf16 dots)
 
 
-_TARGET_ARCHS = (75, 80, 90)
 _TARGET_DTYPES = {75: ("fp16", "fp32"), 80: ("fp16", "bf16", "fp32"), 90: ("fp16", "bf16", "fp32")}
 
 
-def _signature_attrs(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
-    """ASTSource signature (every parameter, constexprs marked "constexpr") and the divisibility attrs a real launch
-    gets (16-byte aligned pointers; strides are multiples of 16 for the model's layouts): without them the
-    cross-compile shows unvectorised loads and no cp.async pipelining."""
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ("LSE", "DELTA"):
-            sig[name] = "*fp32"
-        elif name == "SEG":
-            sig[name] = "*i32"
-        elif name == "SEED":
-            sig[name] = "*i64"
-        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "OUT"):
-            sig[name] = _TRITON_PTR[dtype]
-        elif name in ("qk_scale", "sm_scale", "dropout_p"):
-            sig[name] = "fp32"
-        else:                                      # strides, H, T
-            sig[name] = "i32"
-        if sig[name].startswith("*") or name.startswith("stride"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    return sig, attrs
+def _types(dtype: str) -> dict:
+    """Triton types of the pointer and float arguments of this file's kernels, for tensors of `dtype`."""
+    types = dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), f"*{dtype}")
+    return dict(types, LSE="*fp32", DELTA="*fp32", SEG="*i32", SEED="*i64", qk_scale="fp32", sm_scale="fp32",
+                dropout_p="fp32")
 
 
 def target_configs() -> list[dict]:
-    """Every (kernel, tiles, warps, stages, dtype, BLOCK_D) that `attention_config` can hand a launcher on sm_75/80/90,
-    with the ASTSource signature (and `attrs`: the divisibility a real launch specialises on) for cross-compilation.
-    Specialisation shown: causal, dropout on, no segments — the variant with the most shared memory (with segments the
-    block-skip branch stops the sm_80+ pipeliner, so shared memory drops; see the header). Entries identical across
-    archs are merged (`archs` lists them).
+    """Every (kernel, tiles, warps, stages, dtype, BLOCK_D) that `attention_config` can hand a launcher on each of
+    sm_75/80/90, one entry per arch. Specialisation shown: causal, dropout on, no segments, the variant with the most
+    shared memory (with segments the block-skip branch stops the sm_80+ pipeliner, so shared memory drops).
 
     expect_tensor_cores: fp16/bf16 dots use mma.sync (sm_80) / wgmma (sm_90); sm_75 with triton >= 3.4 lowers
     tl.dot to FMA (False); fp32 dots use input_precision="ieee" on every arch (False, deliberately: exact parity).
     """
-    entries: dict = {}
-    for arch in _TARGET_ARCHS:
-        for dt in _TARGET_DTYPES[arch]:
+    entries = []
+    for arch, dtypes in _TARGET_DTYPES.items():
+        for dt in dtypes:
             for block_d in (16, 32, 64, 128):
                 cfg = attention_config(arch, block_d, dt)
-                tc = (dt != "fp32") and arch >= 80
+                tc = dt != "fp32" and arch >= 80
                 flags = dict(HEAD_D=block_d, BLOCK_D=block_d, CAUSAL=True, HAS_SEG=False, DROPOUT=True,
                              DOT_PREC=_dot_precision(dt))
-                rows = [("attention_fwd", _attn_fwd, cfg["fwd"], tc, flags),
-                        ("attention_bwd_dkdv", _attn_bwd_dkdv, cfg["bwd_dkdv"], tc, flags),
-                        ("attention_bwd_dq", _attn_bwd_dq, cfg["bwd_dq"], tc, flags),
-                        ("attention_bwd_pre", _attn_bwd_preprocess, (cfg["bwd_pre"][0], None) + cfg["bwd_pre"][1:]
-                         + (1,), None, dict(HEAD_D=block_d, BLOCK_D=block_d))]
-                for kname, fn, (bm, bn, w, s), use_tc, cx in rows:
-                    cx = dict(cx, BLOCK_M=bm) if bn is None else dict(cx, BLOCK_M=bm, BLOCK_N=bn)
-                    key = (kname, dt, block_d, bm, bn, w, s)
-                    e = entries.get(key)
-                    if e is None:
-                        sig, attrs = _signature_attrs(fn, dt, cx)
-                        tiles = f"{bm}" if bn is None else f"{bm}x{bn}"
-                        entries[key] = dict(kernel=f"{kname} {dt} D{block_d} {tiles}", fn=fn, signature=sig,
-                                            constexprs=cx, attrs=attrs, num_warps=w, num_stages=s, archs=(arch,),
-                                            expect_tensor_cores=None if use_tc is None else {arch: use_tc})
-                    else:
-                        e["archs"] += (arch,)
-                        if use_tc is not None:
-                            e["expect_tensor_cores"][arch] = use_tc
-    return list(entries.values())
+                for kname, fn, key in (("attention_fwd", _attn_fwd, "fwd"), ("attention_bwd_dkdv", _attn_bwd_dkdv,
+                                       "bwd_dkdv"), ("attention_bwd_dq", _attn_bwd_dq, "bwd_dq")):
+                    bm, bn, w, st = cfg[key]
+                    entries.append(dict(kernel=f"{kname} {dt} D{block_d} {bm}x{bn}", fn=fn, types=_types(dt),
+                                        constexprs=dict(flags, BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st,
+                                        archs=(arch,), expect_tensor_cores=tc))
+                pm, pw = cfg["bwd_pre"]
+                entries.append(dict(kernel=f"attention_bwd_pre {dt} D{block_d} {pm}", fn=_attn_bwd_preprocess,
+                                    types=_types(dt), constexprs=dict(HEAD_D=block_d, BLOCK_D=block_d, BLOCK_M=pm),
+                                    num_warps=pw, num_stages=1, archs=(arch,)))
+    return entries
 
 
 # ====================================================================================================================
@@ -589,20 +503,6 @@ def target_configs() -> list[dict]:
 def _unit_d(t: torch.Tensor) -> torch.Tensor:
     """Keep any strided view whose last dimension is dense (the model's permuted qkv views); copy anything else."""
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _validate(q, k, v, segment_ids, dropout_p):
-    check_attention_args("attention", q, k, v, segment_ids, dropout_p)
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"attention: dtype {q.dtype} not supported; use float16, bfloat16 or float32")
-    B, H, T, D = q.shape
-    if not 16 <= D <= 128:
-        raise ValueError(f"attention: head dim D={D} outside the supported range 16..128")
-    if T < 1 or B < 1 or H < 1:
-        raise ValueError(f"attention: empty input of shape {tuple(q.shape)}")
-    if B * H >= 65536:
-        raise ValueError(f"attention: B·H = {B * H} exceeds the grid limit 65535")
-    _check_device(q, k, v, segment_ids, op="attention")
 
 
 def _seg_arg(segment_ids, q):
@@ -615,7 +515,7 @@ def _seg_arg(segment_ids, q):
 def attention_forward(q, k, v, causal, sm_scale, seg, stride_sb, has_seg, dropout_p, seed):
     """Launch the forward. Returns o (B, H, T, D) contiguous and lse (B, H, T) fp32 (natural log)."""
     B, H, T, D = q.shape
-    cfg = attention_config(_device_arch(q), D, q.dtype)
+    cfg = attention_config(device_arch(q), D, q.dtype)
     BM, BN, warps, stages = cfg["fwd"]
     o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
@@ -631,7 +531,7 @@ def attention_forward(q, k, v, causal, sm_scale, seg, stride_sb, has_seg, dropou
 def attention_backward(do, q, k, v, o, lse, causal, sm_scale, seg, stride_sb, has_seg, dropout_p, seed):
     """Launch preprocess, dK/dV and dQ. Returns dq, dk, dv (B, H, T, D) contiguous, in q's dtype."""
     B, H, T, D = q.shape
-    cfg = attention_config(_device_arch(q), D, q.dtype)
+    cfg = attention_config(device_arch(q), D, q.dtype)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     do = _unit_d(do)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
@@ -678,9 +578,10 @@ def attention(q, k, v, causal=True, sm_scale=None, segment_ids=None, dropout_p=0
     q, k, v: (B, H, T, D), fp16/bf16/fp32, 16 <= D <= 128, any strides with a dense last dim (others are copied).
     segment_ids: optional (B, T) integer ids; i attends to j only within one id. dropout_p: probability of dropping
     an attention weight; the mask is Philox(dropout_seed, b, h, i, j) (`dropout_mask` regenerates it). dropout_seed
-    None: drawn on q's device by torch's generator (see `dropout_seed_tensor`); an int or a (1,) tensor otherwise. Returns (B, H, T, D) contiguous, in q's dtype.
+    None: drawn on q's device by torch's generator (see `dropout_seed_tensor`); an int or a (1,) tensor otherwise.
+    Returns (B, H, T, D) contiguous, in q's dtype.
     """
-    _validate(q, k, v, segment_ids, dropout_p)
+    check_attention_inputs("attention", q, k, v, segment_ids, dropout_p)
     D = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     dropout_p = float(dropout_p)

@@ -31,13 +31,7 @@ linear_cross_entropy(hidden (N, C), weight (V, C), target (N,)) = cross_entropy(
     accumulated in fp32 and returned in weight's dtype, grad_hidden in hidden's dtype. Default chunk: the power of two
     near N / ceil(V / C), so a chunk of logits holds about as many elements as hidden.
 
-Memory of the LM head + loss — COMPUTED by `lm_head_memory_bytes`, not measured (logits-sized tensors only):
-    naive (reference path) = logits (N·V·s) + fp32 log-probs saved for backward (N·V·4) + fp32 dlogits (N·V·4);
-    chunked = one chunk of logits that becomes its own gradient (chunk·V·s). s = bytes per logits element.
-        guppy-9m, N=4096 tokens, V=4096, C=384, fp32:  naive 192.0 MiB, chunked 8.0 MiB (chunk 512), saves 184.0 MiB
-        N=8192, V=32000, C=384, fp32:                  naive 2.93 GiB,  chunked 15.6 MiB (chunk 128), saves 2.91 GiB
-        N=8192, V=32000, C=384, fp16 logits:           naive 2.44 GiB,  chunked 7.8 MiB (chunk 128), saves 2.43 GiB
-    Both paths also hold grad_hidden (N·C) and grad_weight (V·C); those are not counted.
+Memory of the LM head + loss: `lm_head_memory_bytes` computes it; worked figures in notes/cross_entropy.md.
 
 Grid and limits
     cross-entropy: grid (N,), one row per program, looping over V in BLOCK_V chunks; `_config_for(V)` picks BLOCK_V
@@ -45,13 +39,7 @@ Grid and limits
     enumerates that same range. Any V ≥ 1 (4097, 32003, ... are fine: the last chunk is masked). logits fp32 / fp16 /
     bf16, rows may be strided (unit column stride; otherwise copied). target int32 or int64.
 
-History (no GPU on the development machine: GPU timings are pending, none are claimed)
-    v1 (this file): Liger-Kernel's layout (online softmax, gradient in the forward, backward = scale). Kept the
-       gradient scale as a device tensor (1/n) rather than `n.item()` so the forward has no host sync (CUDA graphs).
-       Pass 2 first loaded masked lanes as 0.0, which made exp(0 - lse) overflow to inf in those (never stored)
-       lanes for rows of very negative logits; they now load -inf. Under TRITON_INTERPRET one row per program costs
-       ~8 ms per row on the 2-core dev box (0.5 s for the 64-row mini-model loss); a several-rows-per-program variant
-       for small V was not tried.
+Versions and what was tried: notes/cross_entropy.md.
 """
 from __future__ import annotations
 
@@ -61,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from guppy.kernels._utils import check_float_dtype, check_triton_device, distinct_configs, next_power_of_2
+from guppy.kernels._utils import check_float_dtype, check_triton_device, distinct_configs
 
 _OP = "guppy.kernels.cross_entropy"
 _OP_LINEAR = "guppy.kernels.linear_cross_entropy"
@@ -137,7 +125,7 @@ MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
 def _config_for(V: int) -> dict:
     if V < 1:
         raise ValueError(f"{_OP}: vocabulary size V={V} must be ≥ 1")
-    block_v = min(MAX_BLOCK_V, max(MIN_BLOCK_V, next_power_of_2(V)))
+    block_v = min(MAX_BLOCK_V, max(MIN_BLOCK_V, triton.next_power_of_2(V)))
     return dict(BLOCK_V=block_v, num_warps=max(1, block_v // 512), num_stages=1)
 
 
@@ -145,17 +133,15 @@ def reachable_configs() -> list[dict]:
     return distinct_configs(_config_for, (2 ** i for i in range((2 * MAX_BLOCK_V).bit_length())))
 
 
+_TYPES = {"Logits": "*fp32", "Grad": "*fp32", "Target": "*i64", "Loss": "*fp32", "Scale": "*fp32", "stride_l": "i64",
+          "stride_g": "i64", "label_smoothing": "fp32"}
+
+
 def target_configs() -> list[dict]:
     """For `guppy targets`: the kernel at every reachable BLOCK_V, widest variant (gradient and smoothing on)."""
-    sig = {"Logits": "*fp32", "Grad": "*fp32", "Target": "*i64", "Loss": "*fp32", "Scale": "*fp32",
-           "stride_l": "i64", "stride_g": "i64", "V": "i32", "ignore_index": "i32", "label_smoothing": "fp32"}
-    rows = []
-    for cfg in reachable_configs():
-        rows.append(dict(kernel="cross_entropy_fwd", config=f"BLOCK_V={cfg['BLOCK_V']}", fn=_cross_entropy_fwd_kernel,
-                         signature=sig, constexprs=dict(COMPUTE_GRAD=True, HAS_SMOOTHING=True, BLOCK_V=cfg["BLOCK_V"]),
-                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], archs=(75, 80, 90),
-                         expect_tensor_cores=None))
-    return rows
+    return [dict(kernel="cross_entropy_fwd", config=f"BLOCK_V={cfg['BLOCK_V']}", fn=_cross_entropy_fwd_kernel,
+                 types=_TYPES, constexprs=dict(COMPUTE_GRAD=True, HAS_SMOOTHING=True, BLOCK_V=cfg["BLOCK_V"]),
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]) for cfg in reachable_configs()]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -271,7 +257,7 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
 def default_chunk_size(n_tokens: int, vocab: int, d_model: int) -> int:
     """A power of two near n_tokens / ceil(V / C): a chunk of logits about the size of hidden. At least 1."""
     per = max(1, math.ceil(vocab / max(1, d_model)))
-    return max(1, min(next_power_of_2(math.ceil(n_tokens / per)), next_power_of_2(max(1, n_tokens))))
+    return max(1, min(triton.next_power_of_2(math.ceil(n_tokens / per)), triton.next_power_of_2(max(1, n_tokens))))
 
 
 def _mm_fp32_accumulate(acc, a, b):

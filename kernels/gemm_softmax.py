@@ -1,4 +1,4 @@
-"""GEMM attention: cuBLAS batched GEMMs around a Triton fused scale-mask-softmax-dropout (candidate 2 for the T4).
+"""gemm-softmax attention: cuBLAS batched GEMMs around a Triton fused scale-mask-softmax-dropout (a T4 candidate).
 
 Computes `guppy.reference.attention_reference` (the specification) the way GuppyLM's plain attention does, but with the
 elementwise middle fused into one Triton pass each way and the dropout mask never stored:
@@ -12,7 +12,7 @@ elementwise middle fused into one Triton pass each way and the dropout mask neve
                                                            `_softmax_bwd` (Triton; dS overwrites dPd, Pd recomputed)
                dQ = dS K,  dK = dSᵀ Q,  dV = Pdᵀ dO         torch.matmul
 
-keep_ij is `attention._keep`: Philox keyed on (seed, b·H + h, i, j), the very same mask `guppy.kernels.attention`
+keep_ij is `_utils.dropout_keep`: Philox keyed on (seed, b·H + h, i, j), the very same mask `guppy.kernels.attention`
 draws, so both candidates give identical outputs for one seed and `attention.dropout_mask` regenerates it.
 mask(i, j) = [j <= i if causal] and [seg[b, i] == seg[b, j]]; every valid row keeps at least its diagonal.
 
@@ -24,8 +24,7 @@ q, k, v, P (+ segment ids, seed). S is computed in the input dtype before scalin
 Configuration: `softmax_config(arch, T, dtype)` is the only place tiles/warps are chosen; `target_configs()`
 enumerates all it can return. The kernels have no tl.dot, so nothing here depends on sm_75's missing Triton MMA.
 
-History: v1 (this file) — validated under TRITON_INTERPRET=1 against SDPA (tests/test_gemm_softmax.py) and
-cross-compiled for sm_75/80/90; GPU timing pending (no GPU available when written). T4 projection: notes/attention.md.
+Versions, and the T4 projection against the other candidates: notes/attention.md.
 """
 from __future__ import annotations
 
@@ -35,8 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from guppy.kernels._utils import check_triton_device
-from guppy.kernels.attention import LOG2E, _TRITON_PTR, _arch_class, _device_arch, _keep, _validate
+from guppy.kernels._utils import LOG2E, arch_class, check_attention_inputs, device_arch, dropout_keep
 from guppy.seeds import dropout_seed_tensor
 
 MAX_T = 8192
@@ -75,7 +73,7 @@ def _softmax_fwd(S,                     # (B·H, T, T) raw scores q·kᵀ, conti
     p = e / tl.where(l > 0.0, l, 1.0)[:, None]
     tl.store(P + offs, p.to(P.dtype.element_ty), mask=ok)
     if DROPOUT:
-        keep = _keep(seed, bh, rows[:, None], cols[None, :], dropout_p)
+        keep = dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p)
         tl.store(PD + offs, tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0).to(PD.dtype.element_ty), mask=ok)
 
 
@@ -95,7 +93,7 @@ def _softmax_bwd(P,                     # (B·H, T, T) saved probabilities
     p = tl.load(P + offs, mask=ok, other=0.0).to(tl.float32)
     dp = tl.load(DPD + offs, mask=ok, other=0.0).to(tl.float32)
     if DROPOUT:
-        z = tl.where(_keep(seed, bh, rows[:, None], cols[None, :], dropout_p), 1.0 / (1.0 - dropout_p), 0.0)
+        z = tl.where(dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p), 1.0 / (1.0 - dropout_p), 0.0)
         dp = dp * z
         tl.store(PD + offs, (p * z).to(PD.dtype.element_ty), mask=ok)
     delta = tl.sum(p * dp, axis=1)
@@ -115,7 +113,7 @@ def softmax_config(arch: int, T: int, dtype) -> dict:
     if T > MAX_T:
         raise ValueError(f"gemm_softmax_attention: T={T} exceeds MAX_T={MAX_T} (a row must fit in registers)")
     block_t = max(16, triton.next_power_of_2(T))
-    if _arch_class(arch) == 0:
+    if arch_class(arch) == 0:
         rows = max(1, min(32, 4096 // block_t))
         return {"fwd": (block_t, rows, 1), "bwd": (block_t, rows, 1)}
     rows = max(1, 4096 // block_t)
@@ -125,53 +123,30 @@ def softmax_config(arch: int, T: int, dtype) -> dict:
 
 def target_configs() -> list[dict]:
     """Every configuration `softmax_config` can return on sm_75/80/90 (T from 16 to MAX_T, fp16/fp32, + bf16 on
-    sm_80/90), specialised for causal + segments + dropout. No tl.dot: expect_tensor_cores is None."""
-    entries: dict = {}
+    sm_80/90), specialised for causal + segments + dropout. No tl.dot, so no tensor-core expectation."""
+    entries = []
     for arch, dtypes in ((75, ("fp16", "fp32")), (80, ("fp16", "bf16", "fp32")), (90, ("fp16", "bf16", "fp32"))):
         for dt in dtypes:
-            t = 16
-            while t <= MAX_T:
-                cfg = softmax_config(arch, t, dt)
-                for kname, fn, (bt, rows, w) in (("masked_softmax_fwd", _softmax_fwd, cfg["fwd"]),
-                                                 ("masked_softmax_bwd", _softmax_bwd, cfg["bwd"])):
-                    key = (kname, dt, bt, rows, w)
-                    if key in entries:
-                        entries[key]["archs"] += (arch,)
-                        continue
-                    cx = dict(BLOCK_T=bt, ROWS=rows, DROPOUT=True)
-                    if fn is _softmax_fwd:
-                        cx.update(CAUSAL=True, HAS_SEG=True)
-                    sig, attrs = {}, {}
-                    for i, name in enumerate(fn.arg_names):
-                        if name in cx:
-                            sig[name] = "constexpr"
-                        elif name in ("S", "P", "PD", "DPD"):
-                            sig[name] = _TRITON_PTR[dt]
-                            attrs[(i,)] = [["tt.divisibility", 16]]
-                        elif name == "SEG":
-                            sig[name] = "*i32"
-                            attrs[(i,)] = [["tt.divisibility", 16]]
-                        elif name == "SEED":
-                            sig[name] = "*i64"
-                        elif name in ("qk_scale", "sm_scale", "dropout_p"):
-                            sig[name] = "fp32"
-                        else:
-                            sig[name] = "i32"
-                    entries[key] = dict(kernel=f"{kname} {dt} T<={bt} {rows}x{bt}", fn=fn, signature=sig,
-                                        constexprs=cx, attrs=attrs, num_warps=w, num_stages=1, archs=(arch,),
-                                        expect_tensor_cores=None)
-                t *= 2
-    return list(entries.values())
+            types = dict(dict.fromkeys(("S", "P", "PD", "DPD"), f"*{dt}"), SEG="*i32", SEED="*i64", qk_scale="fp32",
+                         sm_scale="fp32", dropout_p="fp32")
+            configs = {softmax_config(arch, 2 ** i, dt)[key] + (key,) for i in range(4, MAX_T.bit_length())
+                       for key in ("fwd", "bwd")}
+            for bt, rows, w, key in sorted(configs):
+                fn, flags = (_softmax_fwd, dict(CAUSAL=True, HAS_SEG=True)) if key == "fwd" else (_softmax_bwd, {})
+                entries.append(dict(kernel=f"softmax_{key} {dt} T<={bt} {rows}x{bt}", fn=fn, types=types,
+                                    constexprs=dict(flags, BLOCK_T=bt, ROWS=rows, DROPOUT=True), num_warps=w,
+                                    num_stages=1, archs=(arch,)))
+    return entries
 
 
 # ====================================================================================================================
 # Launchers and autograd
 # ====================================================================================================================
-class GemmAttention(torch.autograd.Function):
+class GemmSoftmaxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale, segment_ids, dropout_p, seed):
         B, H, T, D = q.shape
-        cfg = softmax_config(_device_arch(q), T, q.dtype)
+        cfg = softmax_config(device_arch(q), T, q.dtype)
         bt, rows, w = cfg["fwd"]
         s = torch.matmul(q, k.transpose(-2, -1))                                # (B, H, T, T), cuBLAS
         p = torch.empty((B, H, T, T), dtype=q.dtype, device=q.device)
@@ -195,7 +170,7 @@ class GemmAttention(torch.autograd.Function):
         q, k, v, p, seed = ctx.saved_tensors
         sm_scale, dropout_p = ctx.args
         B, H, T, D = q.shape
-        bt, rows, w = softmax_config(_device_arch(q), T, q.dtype)["bwd"]
+        bt, rows, w = softmax_config(device_arch(q), T, q.dtype)["bwd"]
         dpd = torch.matmul(do.to(q.dtype), v.transpose(-2, -1)).contiguous()  # (B, H, T, T); becomes dS in place
         drop = dropout_p > 0.0
         pd = torch.empty_like(p) if drop else p
@@ -214,12 +189,8 @@ def gemm_softmax_attention(q, k, v, causal=True, sm_scale=None, segment_ids=None
     Same contract as `guppy.kernels.attention.attention` (shapes, dtypes, segment ids, dropout mask for a seed);
     T <= 8192. Returns (B, H, T, D) in q's dtype.
     """
-    _validate(q, k, v, segment_ids, dropout_p)
-    check_triton_device(q, k, v, segment_ids, op="gemm_softmax_attention")
-    T = q.shape[-2]
-    if T > MAX_T:
-        raise ValueError(f"gemm_softmax_attention: T={T} exceeds MAX_T={MAX_T} (a row must fit in registers)")
+    check_attention_inputs("gemm_softmax_attention", q, k, v, segment_ids, dropout_p)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     dropout_p = float(dropout_p)
     seed = dropout_seed_tensor(dropout_p, dropout_seed, q.device)
-    return GemmAttention.apply(q, k, v, bool(causal), sm_scale, segment_ids, dropout_p, seed)
+    return GemmSoftmaxAttention.apply(q, k, v, bool(causal), sm_scale, segment_ids, dropout_p, seed)

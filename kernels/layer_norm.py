@@ -32,13 +32,7 @@ Dtypes and limits
     but the last dimension must have stride 1: a view whose last dim is strided (e.g. a transposed matrix) is copied
     with `.contiguous()` first. Outputs are contiguous. Pointer arithmetic on rows is int64.
 
-History (what was tried here; there is no GPU on the development machine, so no GPU timings yet — pending)
-    v1 (this file): 2-D (BLOCK_M, BLOCK_N) tiles for small N instead of one row per program. Under TRITON_INTERPRET a
-       program instance costs ~1.5 ms, so one row per program made a 2-layer mini-model step take seconds; the 2-D
-       tile makes it a handful of program instances. On a GPU it also gives N=384 rows 4 rows per program. Its
-       speed against one-row-per-program on T4 is not measured yet.
-    v1.1: the backward first used the forward's warps; cross-compiled for sm_75 it needed 124..247 registers per
-       thread at the small-N tiles (no spills, but low occupancy). Doubling its warps (max 16) gives 64..128.
+Versions and what was tried: notes/layer_norm.md.
 """
 from __future__ import annotations
 
@@ -46,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from guppy.kernels._utils import check_float_dtype, check_triton_device, distinct_configs, next_power_of_2, num_programs_cap
+from guppy.kernels._utils import check_float_dtype, check_triton_device, distinct_configs, num_programs_cap
 
 MAX_N = 8192
 _OP = "guppy.kernels.layer_norm"
@@ -167,7 +161,7 @@ def _config_for(N: int) -> dict:
     """
     if not 1 <= N <= MAX_N:
         raise ValueError(f"{_OP}: normalized dimension N={N} is outside 1..{MAX_N}")
-    block_n = max(16, next_power_of_2(N))
+    block_n = max(16, triton.next_power_of_2(N))
     block_m = max(1, 2048 // block_n)
     num_warps = max(4, block_m * block_n // 512)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, bwd_num_warps=min(16, 2 * num_warps),
@@ -179,6 +173,10 @@ def reachable_configs() -> list[dict]:
     return distinct_configs(_config_for, (2 ** i for i in range(MAX_N.bit_length())))
 
 
+_TYPES = dict.fromkeys(("X", "R", "H", "Y", "W", "B", "Mean", "Rstd", "DY", "DH", "DX", "DW", "DB"), "*fp32")
+_TYPES["eps"] = "fp32"
+
+
 def target_configs() -> list[dict]:
     """For `guppy targets`: both kernels at every reachable config, the widest variant (residual, weight, bias, dh).
 
@@ -186,22 +184,13 @@ def target_configs() -> list[dict]:
     """
     rows = []
     for cfg in reachable_configs():
-        consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-        tag = f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']}"
-        fwd_sig = {"X": "*fp32", "R": "*fp32", "H": "*fp32", "Y": "*fp32", "W": "*fp32", "B": "*fp32",
-                   "Mean": "*fp32", "Rstd": "*fp32", "stride_x": "i32", "stride_r": "i32", "M": "i32", "N": "i32",
-                   "eps": "fp32"}
-        fwd_consts = dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, **consts)
-        bwd_sig = {"DY": "*fp32", "DH": "*fp32", "X": "*fp32", "W": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
-                   "DX": "*fp32", "DW": "*fp32", "DB": "*fp32", "stride_dy": "i32", "stride_dh": "i32",
-                   "stride_x": "i32", "M": "i32", "N": "i32"}
-        bwd_consts = dict(HAS_DY=True, HAS_DH=True, HAS_WEIGHT=True, HAS_BIAS=True, **consts)
-        for name, fn, sig, cst in (("layer_norm_fwd", _layer_norm_fwd_kernel, fwd_sig, fwd_consts),
-                                   ("layer_norm_bwd", _layer_norm_bwd_kernel, bwd_sig, bwd_consts)):
-            warps = cfg["num_warps"] if name.endswith("fwd") else cfg["bwd_num_warps"]
-            rows.append(dict(kernel=name, config=tag, fn=fn, signature=sig, constexprs=cst, num_warps=warps,
-                             num_stages=cfg["num_stages"], archs=(75, 80, 90),
-                             expect_tensor_cores=None))
+        tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+        common = dict(config=f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']}", types=_TYPES,
+                      num_stages=cfg["num_stages"])
+        rows.append(dict(kernel="layer_norm_fwd", fn=_layer_norm_fwd_kernel, num_warps=cfg["num_warps"],
+                         constexprs=dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, **tiles), **common))
+        rows.append(dict(kernel="layer_norm_bwd", fn=_layer_norm_bwd_kernel, num_warps=cfg["bwd_num_warps"],
+                         constexprs=dict(HAS_DY=True, HAS_DH=True, HAS_WEIGHT=True, HAS_BIAS=True, **tiles), **common))
     return rows
 
 

@@ -1,29 +1,21 @@
-"""guppy.kernels.gemm_softmax.gemm_softmax_attention (cuBLAS GEMMs + Triton fused masked softmax) against the specification.
+"""guppy.kernels.gemm_softmax.gemm_softmax_attention (cuBLAS GEMMs + a Triton fused masked softmax) against the spec.
 
-Same contract and same checks as tests/test_attention.py (whose helpers are reused: reference, tolerance rule,
-pairwise shape grid), plus: identical output to the flash kernel for one dropout seed (both draw the same Philox
-mask), and the config table covering the dispatcher. CPU under TRITON_INTERPRET=1; GPU variants when CUDA is present.
+Same contract and same checks as tests/test_attention.py (the reference and tolerance rule of
+tests/attention_parity.py, a pairwise shape grid), plus: identical output to the flash kernel for one dropout seed
+(both draw the same Philox mask), and the config table covering the dispatcher. CPU under TRITON_INTERPRET=1; GPU
+variants when CUDA is present.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of guppy.kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-_spec = importlib.util.spec_from_file_location("_guppy_attention_tests", Path(__file__).with_name("test_attention.py"))
-TA = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(TA)
-
-MS = importlib.import_module("guppy.kernels.gemm_softmax")
-gemm_softmax_attention = MS.gemm_softmax_attention
-needs_gpu = TA.needs_gpu
+import guppy.kernels.gemm_softmax as GS
+from attention_parity import GPU_DTYPES, model_parity, needs_gpu, run_and_compare
+from guppy.kernels.attention import attention
+from guppy.kernels.gemm_softmax import gemm_softmax_attention
 
 CASES = [
     (1, 16, True, torch.float32, False, (1, 1)),
@@ -40,17 +32,17 @@ CASES = [
                          ids=[f"T{c[0]}-D{c[1]}-{'causal' if c[2] else 'full'}-{str(c[3])[6:]}"
                               f"{'-seg' if c[4] else ''}" for c in CASES])
 def test_forward_backward(T, D, causal, dtype, seg, bh):
-    TA.run_and_compare(bh[0], bh[1], T, D, causal, dtype, seg, fn=gemm_softmax_attention)
+    run_and_compare(bh[0], bh[1], T, D, causal, dtype, seg, fn=gemm_softmax_attention)
 
 
 def test_noncontiguous_qkv_views():
-    TA.run_and_compare(2, 2, 33, 16, True, torch.float32, seg=True, layout="qkv", fn=gemm_softmax_attention)
+    run_and_compare(2, 2, 33, 16, True, torch.float32, seg=True, layout="qkv", fn=gemm_softmax_attention)
 
 
 @pytest.mark.parametrize("T,D,causal,dtype,seg", [(33, 16, True, torch.float32, True),
                                                   (70, 32, False, torch.float16, False)])
 def test_dropout_matches_regenerated_mask(T, D, causal, dtype, seg):
-    TA.run_and_compare(1, 2, T, D, causal, dtype, seg, p=0.1, seed=987, fn=gemm_softmax_attention)
+    run_and_compare(1, 2, T, D, causal, dtype, seg, p=0.1, seed=987, fn=gemm_softmax_attention)
 
 
 def test_same_dropout_mask_as_flash():
@@ -59,7 +51,7 @@ def test_same_dropout_mask_as_flash():
     q, k, v = (torch.randn(2, 2, 40, 16, generator=gen) for _ in range(3))
     seg = torch.tensor([[0] * 15 + [1] * 25, [0] * 40])
     a = gemm_softmax_attention(q, k, v, segment_ids=seg, dropout_p=0.2, dropout_seed=42)
-    b = TA.attention(q, k, v, segment_ids=seg, dropout_p=0.2, dropout_seed=42)
+    b = attention(q, k, v, segment_ids=seg, dropout_p=0.2, dropout_seed=42)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.manual_seed(5)
     c = gemm_softmax_attention(q, k, v, dropout_p=0.2)
@@ -77,7 +69,7 @@ def test_dropout_unbiased_over_seeds():
 
 
 def test_model_parity():
-    TA.model_parity(gemm_softmax_attention)
+    model_parity(gemm_softmax_attention)
 
 
 def test_errors(monkeypatch):
@@ -93,26 +85,22 @@ def test_errors(monkeypatch):
     with pytest.raises(ValueError, match="segment_ids"):
         gemm_softmax_attention(q, q, q, segment_ids=torch.zeros(2, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="MAX_T"):
-        MS.softmax_config(80, MS.MAX_T + 1, torch.float16)
+        GS.softmax_config(80, GS.MAX_T + 1, torch.float16)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CPU tensor|CUDA"):
         gemm_softmax_attention(q, q, q)
 
 
 def test_config_table_covers_dispatcher():
-    table = {(c["fn"], a, c["signature"]["P"], c["constexprs"]["BLOCK_T"], c["constexprs"]["ROWS"], c["num_warps"])
-             for c in MS.target_configs() for a in c["archs"]}
+    table = {(c["fn"], c["archs"], c["types"]["P"], c["constexprs"]["BLOCK_T"], c["constexprs"]["ROWS"],
+              c["num_warps"]) for c in GS.target_configs()}
     for arch, cls in ((75, 75), (80, 80), (86, 80), (90, 90)):
-        for dtype in (torch.float16, torch.float32) + ((torch.bfloat16,) if arch >= 80 else ()):
-            ptr = TA.A._TRITON_PTR[TA.A._DTYPES[dtype]]
+        for dtype, name in ((torch.float16, "fp16"), (torch.float32, "fp32")) + (((torch.bfloat16, "bf16"),)
+                                                                                 if arch >= 80 else ()):
             for T in (1, 17, 128, 129, 1000, 2048, 8192):
-                cfg = MS.softmax_config(arch, T, dtype)
-                for fn, key in ((MS._softmax_fwd, "fwd"), (MS._softmax_bwd, "bwd")):
-                    bt, rows, w = cfg[key]
-                    assert (fn, cls, ptr, bt, rows, w) in table
-
-
-GPU_DTYPES = TA.GPU_DTYPES
+                cfg = GS.softmax_config(arch, T, dtype)
+                for fn, key in ((GS._softmax_fwd, "fwd"), (GS._softmax_bwd, "bwd")):
+                    assert (fn, (cls,), f"*{name}", *cfg[key]) in table
 
 
 @needs_gpu
@@ -120,4 +108,4 @@ GPU_DTYPES = TA.GPU_DTYPES
 @pytest.mark.parametrize("T,D,causal,seg,p", [(128, 64, True, False, 0.0), (128, 64, True, True, 0.1),
                                               (500, 80, False, True, 0.0), (1024, 128, True, False, 0.1)])
 def test_gpu(dtype, T, D, causal, seg, p):
-    TA.run_and_compare(4, 6, T, D, causal, dtype, seg, p=p, device="cuda", fn=gemm_softmax_attention)
+    run_and_compare(4, 6, T, D, causal, dtype, seg, p=p, device="cuda", fn=gemm_softmax_attention)

@@ -56,6 +56,39 @@ def test_attention_reference_matches_sdpa_with_segments(causal):
     torch.testing.assert_close(reference.attention_sdpa(q, k, v, causal=causal, segment_ids=seg), ref)
 
 
+def _softmax_attention_written_out(q, k, v, causal):
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_sdpa_without_segments_follows_causal(causal):
+    """The fused path (no segment ids, is_causal): causal=False must attend to every key."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 9, 8, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(reference.attention_sdpa(q, k, v, causal=causal),
+                               _softmax_attention_written_out(q, k, v, causal))
+
+
+def test_attention_reference_dropout_rescales_the_kept_probabilities():
+    """With v = I the output is the dropped probability matrix itself: every entry is 0 (dropped) or P / (1 - p)
+    (kept, inverted-dropout scaling), with P the softmax written out here; about a fraction p is dropped."""
+    torch.manual_seed(2)
+    T, p = 16, 0.4
+    q, k = (torch.randn(1, 4, T, T, dtype=torch.float64) for _ in range(2))
+    eye = torch.eye(T, dtype=torch.float64).expand(1, 4, T, T)
+    probs = _softmax_attention_written_out(q, k, eye, causal=True)
+    out = reference.attention_reference(q, k, eye, causal=True, dropout_p=p)
+    allowed = probs > 0
+    kept = out[allowed] != 0
+    torch.testing.assert_close(out[allowed][kept], probs[allowed][kept] / (1 - p))
+    assert (out[~allowed] == 0).all()
+    n = int(allowed.sum())
+    assert abs((1 - kept.double().mean().item()) - p) <= 5 * math.sqrt(p * (1 - p) / n)
+
+
 def test_attention_reference_decode_step_sees_all_cached_keys():
     q = torch.randn(1, 2, 1, 8, dtype=torch.float64)
     k, v = torch.randn(1, 2, 6, 8, dtype=torch.float64), torch.randn(1, 2, 6, 8, dtype=torch.float64)

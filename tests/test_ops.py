@@ -5,7 +5,6 @@ and csrc's availability, so it is tested here with fake capabilities. The GPU br
 tensors with a faked capability: the CUDA C++ kernel then runs through its host emulation, and its availability comes
 from guppy.csrc's own cache (build + self-check on the CPU, as on a GPU).
 """
-import ast
 import os
 import re
 
@@ -179,61 +178,3 @@ def test_auto_reads_csrc_availability_from_its_one_cache(fake_t4, capsys):
 def test_auto_on_cpu_tensors_runs_the_reference():
     q, k, v = qkv(48, torch.float32)
     torch.testing.assert_close(ops.get_ops("auto").attention(q, k, v), attention_reference(q, k, v))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# No import cycle through the seam or the CUDA C++ op (lazy imports inside functions included)
-# --------------------------------------------------------------------------------------------------------------------
-PACKAGES = {"guppy": "guppy", "guppy.kernels": "kernels", "guppy.csrc": "csrc"}
-
-
-def module_files() -> dict:
-    out = {}
-    for pkg, folder in PACKAGES.items():
-        for f in os.listdir(os.path.join(ROOT, folder)):
-            if f.endswith(".py"):
-                out[pkg if f == "__init__.py" else f"{pkg}.{f[:-3]}"] = os.path.join(ROOT, folder, f)
-    return out
-
-
-def import_graph() -> dict:
-    """module -> the package modules it imports anywhere in its file (a `from pkg import name` counts as importing
-    pkg.name when that is a module, else pkg; a parent package's __init__ is not counted)."""
-    files = module_files()
-    graph = {}
-    for mod, path in files.items():
-        pkg = mod if path.endswith("__init__.py") else mod.rsplit(".", 1)[0]
-        edges = set()
-        for node in ast.walk(ast.parse(open(path).read())):
-            if isinstance(node, ast.Import):
-                edges |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(pkg.split(".")[:len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
-                edges |= {f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names}
-            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" and node.args \
-                    and isinstance(node.args[0], ast.Constant):
-                edges.add(node.args[0].value)
-        graph[mod] = {e for e in edges if e in files and e != mod}
-    return graph
-
-
-def cycles_through(graph: dict, start: str) -> list:
-    found, stack = [], [(start, [start])]
-    while stack:
-        node, path = stack.pop()
-        for nxt in graph.get(node, ()):
-            if nxt == start:
-                found.append(path + [start])
-            elif nxt not in path:
-                stack.append((nxt, path + [nxt]))
-    return found
-
-
-@pytest.mark.parametrize("module", ["guppy.ops", "guppy.reference", "guppy.csrc.attention_op",
-                                    "guppy.csrc.extension"])
-def test_no_import_cycle_through(module):
-    graph = import_graph()
-    assert module in graph
-    assert cycles_through(graph, module) == []
