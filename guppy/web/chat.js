@@ -171,6 +171,7 @@ async function main() {
       const out = await model.generate(ids, s, (sofar) => { bubble.textContent = tokenizer.decode(sofar); });
       const reply = tokenizer.decode(out.filter((t) => t !== IM_END_ID)).trim();
       bubble.textContent = reply || "(no reply)";
+      bubble.dataset.ids = JSON.stringify(out);   // the token ids, for tests/test_web.py
       bubble.dataset.done = "1";
       const ms = performance.now() - t0;
       status.textContent = `${out.length} tokens in ${ms.toFixed(0)} ms (${(ms / Math.max(1, out.length)).toFixed(1)} ms/token)`;
