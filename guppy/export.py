@@ -214,6 +214,7 @@ def session(path: str):
         raise GuppyError(f"{path}: no such ONNX model")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep, not spin
     try:
         return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types for a damaged file
@@ -291,16 +292,16 @@ def export(checkpoint: str, out_dir: str, quantize: str = "none", data_dir: str 
         fp32 = os.path.join(tmp, "model.fp32.onnx")
         log(f"exporting {ckpt} to ONNX (opset {OPSET}, torch {torch.__version__})")
         export_onnx(model, fp32)
-        report = {"checkpoint": os.path.abspath(ckpt), "quantize": quantize,
-                  "fp32_bytes": os.path.getsize(fp32)}
         final = fp32
         if quantize == "uint8":
             final = quantize_uint8(fp32, os.path.join(tmp, "model.uint8.onnx"))
+        for p in {fp32, final}:
+            write_metadata(p, {"guppy_config": model.config.to_dict(), "guppy_persona": card["name"]})
+        report = {"checkpoint": os.path.abspath(ckpt), "quantize": quantize, "fp32_bytes": os.path.getsize(fp32)}
+        if quantize == "uint8":
             report["uint8_bytes"] = os.path.getsize(final)
         if data_dir is not None:
             report.update(_score(model, fp32, final if quantize == "uint8" else None, data_dir, log))
-        for p in {fp32, final}:
-            write_metadata(p, {"guppy_config": model.config.to_dict(), "guppy_persona": card["name"]})
         os.replace(final, os.path.join(tmp, "model.onnx"))
         if os.path.exists(fp32):
             os.remove(fp32)
