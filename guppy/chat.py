@@ -8,7 +8,7 @@ import os
 import torch
 
 from .checkpoint import load_model
-from .data import IM_END_ID, IM_START_ID, load_split, eval_batches, load_tokenizer, prompt_text, read_jsonl
+from .data import IM_END_ID, IM_START_ID, load_split, eval_batches, load_tokenizer, read_jsonl
 from .errors import GuppyError
 
 

@@ -280,6 +280,12 @@ def export(checkpoint: str, out_dir: str, quantize: str = "none", data_dir: str 
     if quantize not in ("none", "uint8"):
         raise GuppyError(f"--quantize must be none or uint8, got {quantize!r}")
     _check_out_dir(out_dir, force)
+    if runtime_dir is not None:  # the inputs are checked before the minute of exporting, not after
+        from guppy.web import find_runtime
+        find_runtime(runtime_dir)
+    if data_dir is not None:
+        from guppy.data import load_split
+        load_split(data_dir, "eval")
     tokenizer = find_tokenizer(checkpoint)
     card = _persona_card(checkpoint, persona_path, find_beside)
     model, ckpt = load_model(checkpoint, ops="reference")
