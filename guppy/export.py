@@ -80,7 +80,10 @@ class _ConcatCache:
 
     def __init__(self, past_keys, past_values):
         self.past_keys, self.past_values = past_keys, past_values
-        self.length = past_keys.shape[3]
+        # GuppyLM.forward reads `length` only to check start + seq <= max_seq_len and to make positions, which the
+        # decoder passes itself. 0 keeps that check a bound on seq alone, which the exporter can prove from the
+        # declared ranges; with the symbolic past length it would be a guard on past + seq that it cannot.
+        self.length = 0
         self.keys, self.values = [], []
 
     def append(self, layer: int, k, v):
@@ -101,7 +104,7 @@ class OnnxDecoder(nn.Module):
     def forward(self, input_ids, past_keys, past_values):
         cache = _ConcatCache(past_keys, past_values)
         # positions past, past+1, ...: a cumulative sum, because arange would export as Range (see the header)
-        positions = torch.cumsum(torch.ones_like(input_ids), dim=1) - 1 + cache.length
+        positions = torch.cumsum(torch.ones_like(input_ids), dim=1) - 1 + past_keys.shape[3]
         logits, _ = self.model(input_ids, positions=positions, cache=cache)
         return logits, torch.stack(cache.keys), torch.stack(cache.values)
 
