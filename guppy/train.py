@@ -46,8 +46,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     if name == "mps":
         if not mps_available():
-            raise GuppyError(f"--device mps: Apple's Metal GPU is not available here (it needs an Apple Silicon Mac "
-                             f"and a torch build with MPS); use --device cpu")
+            raise GuppyError("--device mps: Apple's Metal GPU is not available here (it needs an Apple Silicon Mac "
+                             "and a torch build with MPS); use --device cpu")
         return torch.device("mps")
     if name == "cpu":
         return torch.device("cpu")
