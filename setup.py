@@ -13,10 +13,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["guppy", "guppy.personas", "guppy.kernels", "guppy.csrc"],
+    packages=["guppy", "guppy.personas", "guppy.web", "guppy.kernels", "guppy.csrc"],
     package_dir={"guppy.kernels": "kernels", "guppy.csrc": "csrc"},
     package_data={
         "guppy.personas": ["*.toml"],
+        "guppy.web": ["*.html", "*.js"],
         "guppy.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"],
     },
     install_requires=[
@@ -28,7 +29,9 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib", "onnx", "onnxscript", "onnxruntime"],
+        # guppy export and the ONNX chat (torch.onnx's exporter needs onnxscript)
+        "export": ["onnx", "onnxscript", "onnxruntime"],
         "bench": ["pytest-benchmark", "triton", "matplotlib", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": ["guppy=guppy.cli:main"]},

@@ -1,65 +1,137 @@
 """Talking to a trained guppy: one-shot replies, a REPL, and the held-out evaluation (loss + keyword hit rate)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import torch
 
 from .checkpoint import load_model
-from .data import IM_END_ID, load_split, eval_batches, load_tokenizer, prompt_text, read_jsonl
+from .data import IM_END_ID, IM_START_ID, load_split, eval_batches, load_tokenizer, read_jsonl
 from .errors import GuppyError
+
+
+NO_REPLY = "(no reply)"  # shown when the model ends its turn at once, instead of an empty line
+
+
+def find_beside(checkpoint: str, name: str) -> str | None:
+    """`name` in the checkpoint folder or the run folders above it (a run keeps tokenizer.json and persona.json
+    beside its checkpoints/), else None."""
+    d = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
+    for _ in range(3):
+        p = os.path.join(d, name)
+        if os.path.isfile(p):
+            return p
+        d = os.path.dirname(os.path.abspath(d))
+    return None
 
 
 def find_tokenizer(checkpoint: str, explicit: str | None = None) -> str:
     """--tokenizer, else tokenizer.json in the checkpoint folder or the run folders above it."""
     if explicit:
         return explicit
-    d = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
-    for _ in range(3):
-        p = os.path.join(d, "tokenizer.json")
-        if os.path.isfile(p):
-            return p
-        d = os.path.dirname(os.path.abspath(d))
-    raise GuppyError(f"{checkpoint}: no tokenizer.json beside this checkpoint; pass --tokenizer PATH")
+    found = find_beside(checkpoint, "tokenizer.json")
+    if not found:
+        raise GuppyError(f"{checkpoint}: no tokenizer.json beside this checkpoint; pass --tokenizer PATH")
+    return found
+
+
+def load_persona_card(checkpoint: str) -> dict:
+    """persona.json beside the checkpoint (written by prepare, copied by train and export), else a plain default."""
+    from .persona import read_card
+
+    path = find_beside(checkpoint, "persona.json")
+    return read_card(path) if path else {"name": "guppy", "description": "", "lowercase": False,
+                                          "sample_prompts": []}
+
+
+def encode_prompt_ids(tok, user: str) -> list[int]:
+    """Token ids of `prompt_text(user)`, with the user's text unable to make control tokens: a typed
+    "<|im_end|>" is encoded as the characters it is, so a user cannot forge a turn.
+
+    The special tokens come from the template only; the text between them is encoded with special-token matching
+    off. The tokenizer splits its input at special tokens and encodes the pieces independently, so for text that
+    holds none this equals `tok.encode(prompt_text(user))`: the ids the model was trained on."""
+    enc = lambda text: tok.encode(text, add_special_tokens=False).ids
+    before = tok.encode_special_tokens  # tokenizers >= 0.14: True encodes "<|im_end|>" as plain text
+    tok.encode_special_tokens = True
+    try:
+        return [IM_START_ID, *enc(f"user\n{user}"), IM_END_ID, *enc("\n"), IM_START_ID, *enc("assistant\n")]
+    finally:
+        tok.encode_special_tokens = before
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device):
+    """Decode on one CPU thread. A one-token step is too small to split: with torch's default of a thread per core,
+    the threads' hand-offs cost more than the arithmetic, and on a busy machine far more (guppy-9m, 28 tokens on a
+    loaded 2-core machine: 30 s with 2 threads, 1 s with 1)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Chat:
+    """Replies from a checkpoint through PyTorch. `guppy.onnx_chat.OnnxChat` is the same with onnxruntime."""
+
     def __init__(self, checkpoint: str, device="cpu", tokenizer: str | None = None, temperature=0.7, top_k=50,
                  top_p=0.9, max_new_tokens=64, seed: int | None = None):
         self.device = torch.device(device)
-        self.model, self.checkpoint = load_model(checkpoint, device=self.device, ops="reference")
-        self.model.eval()
+        self.max_seq_len = self.load(checkpoint)
         self.tok = load_tokenizer(find_tokenizer(checkpoint, tokenizer))
+        self.persona = load_persona_card(checkpoint)
         self.temperature, self.top_k, self.top_p, self.max_new_tokens = temperature, top_k, top_p, max_new_tokens
         self.generator = None
         if seed is not None:
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # the prompt may use what is left of the context after room for a reply
-        self.max_prompt = self.model.config.max_seq_len - min(max_new_tokens, self.model.config.max_seq_len // 2)
+        self.max_prompt = self.max_seq_len - min(max_new_tokens, self.max_seq_len // 2)
+
+    def load(self, checkpoint: str) -> int:
+        """Load the model; return its context length."""
+        self.model, self.checkpoint = load_model(checkpoint, device=self.device, ops="reference")
+        self.model.eval()
+        return self.model.config.max_seq_len
+
+    def generate(self, ids: list[int], use_cache: bool = True) -> list[int]:
+        """The new token ids after the prompt `ids`, up to and including <|im_end|> if the model says it."""
+        idx = torch.tensor([ids], device=self.device)
+        with one_cpu_thread(self.device):
+            out = self.model.generate(idx, self.max_new_tokens, self.temperature, self.top_k, self.top_p,
+                                      stop_id=IM_END_ID, use_cache=use_cache, generator=self.generator)
+        return out[0, len(ids):].tolist()
+
+    def user_text(self, text: str) -> str:
+        """What the model sees of a user's message: stripped, and lowercased if the persona says so."""
+        text = text.strip()
+        return text.lower() if self.persona.get("lowercase") else text
 
     def encode_prompt(self, text: str) -> tuple[list[int], bool]:
         """Token ids of the ChatML prompt; (ids, truncated). Too long a prompt loses its oldest tokens."""
-        ids = self.tok.encode(prompt_text(text), add_special_tokens=False).ids
+        ids = encode_prompt_ids(self.tok, self.user_text(text))
         if len(ids) > self.max_prompt:
             return ids[-self.max_prompt:], True
         return ids, False
 
     def reply(self, text: str, use_cache: bool = True) -> str:
-        text = text.strip()
-        if not text:
+        """The model's reply ("" when it ends its turn at once, or for an empty message)."""
+        if not text.strip():
             return ""
         ids, _ = self.encode_prompt(text)
-        idx = torch.tensor([ids], device=self.device)
-        out = self.model.generate(idx, self.max_new_tokens, self.temperature, self.top_k, self.top_p,
-                                  stop_id=IM_END_ID, use_cache=use_cache, generator=self.generator)
-        new = out[0, len(ids):].tolist()
+        new = self.generate(ids, use_cache=use_cache)
         if IM_END_ID in new:
             new = new[:new.index(IM_END_ID)]
         return self.tok.decode(new).strip()
 
     def repl(self, input_fn=input, print_fn=print):
-        print_fn("chatting with guppy (empty line to skip, Ctrl-D or /quit to leave)")
+        print_fn(f"chatting with {self.persona['name']} (empty line to skip, Ctrl-D or /quit to leave)")
         while True:
             try:
                 text = input_fn("you> ")
@@ -74,7 +146,7 @@ class Chat:
             if truncated:
                 print_fn(f"(note: your message is longer than the context; only its last {self.max_prompt} tokens "
                          "are used)")
-            print_fn(f"guppy> {self.reply(text)}")
+            print_fn(f"{self.persona['name']}> {self.reply(text) or NO_REPLY}")
 
 
 def evaluate_checkpoint(checkpoint: str, data_dir: str, device="cpu", batch_size=32, per_category=2, seed=0,

@@ -1,4 +1,4 @@
-"""The `guppy` command: prepare, train, chat, eval, info, targets, build-ext.
+"""The `guppy` command: prepare, train, chat, eval, export, serve, info, targets, build-ext.
 
 Mistakes a user can fix (a missing folder, a malformed persona, an unknown preset, no CUDA) print one line and exit 2,
 without a traceback. Ctrl-C during training saves a checkpoint first, then exits 130.
@@ -48,10 +48,14 @@ def cmd_train(a):
 
 
 def cmd_chat(a):
-    from .chat import Chat
+    from .chat import NO_REPLY, Chat
     from .train import resolve_device
-    chat = Chat(a.checkpoint, device=resolve_device(a.device), tokenizer=a.tokenizer, temperature=a.temperature,
-                top_k=a.top_k, top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed)
+    from .onnx_chat import OnnxChat, is_onnx_export
+    cls, device = Chat, a.device
+    if is_onnx_export(a.checkpoint):  # an export folder or .onnx file: onnxruntime, on the CPU
+        cls, device = OnnxChat, "cpu"
+    chat = cls(a.checkpoint, device=resolve_device(device), tokenizer=a.tokenizer, temperature=a.temperature,
+               top_k=a.top_k, top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed)
     if a.prompt is not None:
         for text in a.prompt:
             if not text.strip():
@@ -60,7 +64,8 @@ def cmd_chat(a):
             _, truncated = chat.encode_prompt(text)
             if truncated:
                 print(f"(note: prompt truncated to its last {chat.max_prompt} tokens)", file=sys.stderr)
-            print(f"you> {text}\nguppy> {chat.reply(text)}" if len(a.prompt) > 1 else chat.reply(text))
+            reply = chat.reply(text) or NO_REPLY
+            print(f"you> {text}\n{chat.persona['name']}> {reply}" if len(a.prompt) > 1 else reply)
     else:
         chat.repl()
 
@@ -77,6 +82,28 @@ def cmd_eval(a):
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=2)
+
+
+def cmd_export(a):
+    from .export import export
+    export(a.checkpoint, a.out, quantize=a.quantize, data_dir=a.data, runtime_dir=a.runtime_dir,
+           persona_path=a.persona, force=a.force)
+
+
+def cmd_serve(a):
+    from .serve import serve
+    serve(a.dir, a.port)
+
+
+def _port(text: str) -> int:
+    """argparse type of --port: 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535, got {port}")
+    return port
 
 
 def cmd_info(a):
@@ -119,7 +146,7 @@ def build_parser():
     s.add_argument("--data", required=True)
     s.add_argument("--out", required=True, help="run folder for checkpoints and metrics.jsonl")
     s.add_argument("--preset", default="guppy-9m", help=f"one of: {', '.join(PRESETS)}")
-    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    s.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     s.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly where it stopped, with its own settings (options given "
                         "here, e.g. --max-steps, override them)")
@@ -140,7 +167,8 @@ def build_parser():
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("chat", help="talk to a trained guppy (REPL, or one shot with --prompt)")
-    s.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder, or GuppyLM .pt file")
+    s.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder, GuppyLM .pt file, or an "
+                                                        "export folder / .onnx file (runs on onnxruntime)")
     s.add_argument("--prompt", action="append", help="answer this and exit (repeatable)")
     s.add_argument("--tokenizer", help="tokenizer.json (default: found beside the checkpoint)")
     s.add_argument("--device", default="cpu")
@@ -157,6 +185,24 @@ def build_parser():
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", help="also write the result here")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("export", help="ONNX model (KV cache, optional uint8), tokenizer, model card and the "
+                                      "browser chat page, in one folder")
+    s.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder, or GuppyLM .pt file")
+    s.add_argument("--out", required=True, help="folder to write (new or empty; --force replaces an export)")
+    s.add_argument("--quantize", choices=["none", "uint8"], default="none",
+                   help="uint8: onnxruntime dynamic quantization of the weights (~4x smaller)")
+    s.add_argument("--data", help="prepared data folder: also report the held-out loss of PyTorch and each ONNX file")
+    s.add_argument("--runtime-dir", help="a local onnxruntime-web distribution (npm package or its dist/) to copy "
+                                         "into the folder, so the page works offline; default: a pinned CDN")
+    s.add_argument("--persona", help="persona TOML for persona.json (default: the run's own persona.json)")
+    s.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="serve an export folder's chat page on 127.0.0.1")
+    s.add_argument("dir", help="the folder `guppy export` wrote")
+    s.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("info", help="versions, device, and which op implementations are available")
     s.set_defaults(func=cmd_info)

@@ -3,6 +3,7 @@
 `prepare()` writes, into one folder:
     train.jsonl, eval.jsonl     GuppyLM's dataset format: {"input", "output", "category"} per line
     tokenizer.json              byte-level BPE (HF tokenizers), <pad>=0 <|im_start|>=1 <|im_end|>=2
+    persona.json                the character's name, description, lowercase option, sample prompts (not --from-jsonl)
     {split}.tokens.npy          every conversation's token ids, concatenated (uint16)
     {split}.offsets.npy         conversation c is tokens[offsets[c]:offsets[c+1]] (int64)
     {split}.prompt_len.npy      how many of its tokens are the user turn (for assistant-only loss)
@@ -187,6 +188,9 @@ def prepare(out_dir: str, samples: int = 60_000, persona_path=None, seed: int = 
         write_jsonl(os.path.join(tmp, "train.jsonl"), train_rows)
         write_jsonl(os.path.join(tmp, "eval.jsonl"), eval_rows)
         tok.save(os.path.join(tmp, "tokenizer.json"))
+        if not from_jsonl:  # who the model is, for chat, the export and the browser page (guppy/persona.py)
+            with open(os.path.join(tmp, persona_lib.CARD_FILE), "w", encoding="utf-8") as f:
+                json.dump(persona_lib.persona_card(persona), f, indent=2, ensure_ascii=False)
         lengths = {}
         for split, rows in (("train", train_rows), ("eval", eval_rows)):
             if not rows:

@@ -14,6 +14,8 @@ The file format
     [persona]
     name = "guppy"                      # required
     description = "a small pet fish"    # optional
+    lowercase = true                    # optional (default false): user text is lowercased, in the generated
+                                        # inputs and at chat time (guppy chat, the ONNX chat, the browser page)
 
     [slots]                             # optional: shared vocabularies; {food} in ANY template draws from here
     food = ["flakes", "a bloodworm", "{color} pellets"]
@@ -53,7 +55,7 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # One token of a template: an escaped brace, a {placeholder} (contents checked after), or a brace with no partner.
 _TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _TOP_KEYS = {"persona", "slots", "topics"}
-_PERSONA_KEYS = {"name", "description"}
+_PERSONA_KEYS = {"name", "description", "lowercase"}
 _TOPIC_KEYS = {"name", "weight", "keywords", "inputs", "outputs", "slots"}
 
 
@@ -86,6 +88,7 @@ class Persona:
     topics: list[Topic]
     slots: dict[str, list[str]]
     path: str
+    lowercase: bool = False   # a model trained on lowercase inputs answers capitals with nonsense: lowercase them
     _cum_weights: list = field(default_factory=list, repr=False, compare=False)
 
 
@@ -262,6 +265,9 @@ def load_persona(path: str | os.PathLike | None = None) -> Persona:
         fail("[persona] name must be a non-empty string")
     if not isinstance(description, str):
         fail("[persona] description must be a string")
+    lowercase = head.get("lowercase", False)
+    if not isinstance(lowercase, bool):
+        fail(f"[persona] lowercase must be true or false, got {lowercase!r}")
 
     shared_raw = _slot_table(data.get("slots", {}), "[slots]", fail)
     shared = _compile_slots(shared_raw, {}, fail)
@@ -311,7 +317,7 @@ def load_persona(path: str | os.PathLike | None = None) -> Persona:
         total += t.weight
         cum.append(total)
     return Persona(name=name, description=description, topics=topics, slots=dict(shared_raw), path=path,
-                   _cum_weights=cum)
+                   lowercase=lowercase, _cum_weights=cum)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,11 +330,13 @@ def _pick_topic(persona: Persona, rng: random.Random) -> Topic:
 
 
 def sample_conversation(persona: Persona, rng: random.Random) -> dict:
-    """One {"input", "output", "category"} sample: a topic by weight, an input and an output template, fresh fills."""
+    """One {"input", "output", "category"} sample: a topic by weight, an input and an output template, fresh fills.
+    With `lowercase`, the input is lowercased as chat will lowercase what a user types."""
     topic = _pick_topic(persona, rng)
     inp = topic._inputs[int(rng.random() * len(topic._inputs))]
     out = topic._outputs[int(rng.random() * len(topic._outputs))]
-    return {"input": _fill(inp, rng), "output": _fill(out, rng), "category": topic.name}
+    text = _fill(inp, rng)
+    return {"input": text.lower() if persona.lowercase else text, "output": _fill(out, rng), "category": topic.name}
 
 
 def generate_dataset(persona: Persona, n_samples: int, seed: int = 1337,
@@ -383,9 +391,47 @@ def eval_prompts(persona: Persona, n_per_topic: int = 2, seed: int = 0) -> list[
         while len(order) < n_per_topic:
             order += rng.sample(range(len(topic._inputs)), len(topic._inputs))
         for j in order[:n_per_topic]:
-            prompts.append({"prompt": _fill(topic._inputs[j], rng), "keywords": list(topic.keywords),
+            text = _fill(topic._inputs[j], rng)
+            prompts.append({"prompt": text.lower() if persona.lowercase else text, "keywords": list(topic.keywords),
                             "category": topic.name})
     return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# persona.json: what chat, the export and the browser page need to know of the character, without its TOML file.
+# `guppy prepare` writes it into the data folder, `guppy train` copies it into the run, `guppy export` into DIR.
+
+CARD_FILE = "persona.json"
+
+
+def persona_card(persona: Persona, n_prompts: int = 6, seed: int = 0) -> dict:
+    """{name, description, lowercase, sample_prompts}: one filled input from each of n_prompts topics spread over
+    the file (the page shows them as buttons)."""
+    prompts = eval_prompts(persona, 1, seed)
+    step = max(1, len(prompts) / n_prompts)
+    picked = [prompts[int(i * step)]["prompt"] for i in range(min(n_prompts, len(prompts)))]
+    return {"name": persona.name, "description": persona.description, "lowercase": persona.lowercase,
+            "sample_prompts": picked}
+
+
+def read_card(path: str) -> dict:
+    """A persona.json, checked: raises PersonaError("<path>: <problem>") on anything malformed."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            card = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PersonaError(path, f"unreadable persona card ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(card, dict) or not isinstance(card.get("name"), str):
+        raise PersonaError(path, "a persona card is a JSON object with a string \"name\"")
+    if not isinstance(card.get("lowercase", False), bool) or not isinstance(card.get("description", ""), str):
+        raise PersonaError(path, "\"lowercase\" must be true or false and \"description\" a string")
+    prompts = card.get("sample_prompts", [])
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise PersonaError(path, "\"sample_prompts\" must be a list of strings")
+    return {"name": card["name"], "description": card.get("description", ""),
+            "lowercase": card.get("lowercase", False), "sample_prompts": prompts}
 
 
 if __name__ == "__main__":

@@ -27,22 +27,39 @@ from .model import GuppyLM
 # --------------------------------------------------------------------------------------------------------------------
 # Device and precision
 # --------------------------------------------------------------------------------------------------------------------
+def mps_available() -> bool:
+    """Apple Silicon's GPU (Metal). Its own function so that tests can stand in for a Mac."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def resolve_device(name: str = "auto") -> torch.device:
+    """auto: cuda, else mps (Apple Silicon), else cpu. An explicit device that is absent is a one-line error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise GuppyError(f"--device {name}: CUDA is not available here (torch {torch.__version__}"
                              f"{', a CPU-only build' if torch.version.cuda is None else ''}); use --device cpu")
         return torch.device(name)
+    if name == "mps":
+        if not mps_available():
+            raise GuppyError("--device mps: Apple's Metal GPU is not available here (it needs an Apple Silicon Mac "
+                             "and a torch build with MPS); use --device cpu")
+        return torch.device("mps")
     if name == "cpu":
         return torch.device("cpu")
-    raise GuppyError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    raise GuppyError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
 
 
 def autocast_dtype(device: torch.device):
-    """fp16 (+ GradScaler) on sm_75 and older, bf16 on sm_80+, fp32 on the CPU. Decided by compute capability:
-    `torch.cuda.is_bf16_supported()` has said True on a T4, where bf16 is only emulated."""
+    """fp16 (+ GradScaler) on sm_75 and older, bf16 on sm_80+, fp32 on the CPU and on Apple's MPS.
+
+    CUDA is decided by compute capability: `torch.cuda.is_bf16_supported()` has said True on a T4, where bf16 is only
+    emulated. MPS trains in fp32: its autocast covers fewer ops than CUDA's across the torch versions people have,
+    fp16 would need a GradScaler that MPS lacks in older torch, and a 9M model is not bound by arithmetic there."""
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
@@ -299,9 +316,9 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
     model.to(dev)
     if is_main:
         os.makedirs(out_dir, exist_ok=True)
-        tok_src = os.path.join(data_dir, "tokenizer.json")
-        if os.path.isfile(tok_src):  # chat needs only the run folder
-            shutil.copyfile(tok_src, os.path.join(out_dir, "tokenizer.json"))
+        for name in ("tokenizer.json", "persona.json"):  # chat and export need only the run folder
+            if os.path.isfile(os.path.join(data_dir, name)):
+                shutil.copyfile(os.path.join(data_dir, name), os.path.join(out_dir, name))
 
     amp_dtype = autocast_dtype(dev)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)

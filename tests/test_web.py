@@ -1,0 +1,214 @@
+"""The browser chat page in a real headless Chromium: `guppy serve` on a tiny exported model, a prompt typed into the
+page, and its greedy reply compared with the PyTorch model's; the JS tokenizer against the Python one.
+
+Needs Debian's `chromium` and a local onnxruntime-web distribution (no CDN: the export uses --runtime-dir). It is
+found in $GUPPY_ORT_WEB_DIR, else in ~/.cache/guppy/, where it is fetched once with `npm pack`. Outside CI a missing
+piece skips the test with the reason; in CI (CI=true, as .ci/run sets up both) it fails instead.
+
+`python tests/test_web.py RUN docs/chat-page.png` exports RUN and takes the README's screenshot the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from chromium import Browser, find_chromium  # noqa: E402
+from tiny_export import PROMPTS, make_run  # noqa: E402
+
+from guppy.web import ORT_WEB_FILES, ORT_WEB_VERSION, find_runtime, sri  # noqa: E402
+
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "guppy", f"onnxruntime-web-{ORT_WEB_VERSION}")
+
+
+def missing(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must run the browser test: .ci/run installs what it needs)")
+    pytest.skip(reason)
+
+
+def ort_web_dist() -> str:
+    """A local onnxruntime-web distribution: $GUPPY_ORT_WEB_DIR, else the cache, filled by `npm pack` once."""
+    if os.environ.get("GUPPY_ORT_WEB_DIR"):
+        return find_runtime(os.environ["GUPPY_ORT_WEB_DIR"])
+    dist = os.path.join(CACHE, "package", "dist")
+    if not os.path.isfile(os.path.join(dist, "ort-wasm-simd-threaded.wasm")):
+        npm = shutil.which("npm")
+        if npm is None:
+            missing("no onnxruntime-web distribution: set GUPPY_ORT_WEB_DIR, or install npm to fetch it")
+        os.makedirs(CACHE, exist_ok=True)
+        r = subprocess.run([npm, "pack", f"onnxruntime-web@{ORT_WEB_VERSION}", "--silent"], cwd=CACHE,
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            missing(f"npm pack onnxruntime-web@{ORT_WEB_VERSION} failed: {r.stderr.strip()[-300:]}")
+        with tarfile.open(os.path.join(CACHE, r.stdout.strip().splitlines()[-1])) as tar:
+            tar.extractall(CACHE, members=[m for m in tar.getmembers() if m.name.startswith("package/")
+                                           and ("/" not in m.name[len("package/dist/"):] or m.name == "package/package.json")])
+    return dist
+
+
+def serve(folder: str):
+    """`guppy serve folder --port 0` in a subprocess -> (process, URL it printed)."""
+    proc = subprocess.Popen([sys.executable, "-m", "guppy", "serve", folder, "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    m = re.search(r"http://127\.0\.0\.1:\d+/", line)
+    if not m:
+        proc.kill()
+        raise AssertionError(f"guppy serve printed {line!r}; stderr: {proc.stderr.read()}")
+    return proc, m.group(0)
+
+
+def open_page(url: str) -> Browser:
+    browser = Browser(find_chromium())
+    browser.open(url)
+    state = browser.wait_for("document.body.dataset.ready || document.body.dataset.error", timeout=180)
+    assert state == "1", f"the page failed to start: {state}; console: {browser.console()}"
+    return browser
+
+
+def ask(browser: Browser, prompt: str, temperature: str = "0") -> tuple[str, list[int]]:
+    """Type the prompt into the page, press Enter, wait for the reply -> (text, token ids)."""
+    n = browser.eval("document.querySelectorAll('.msg.bot[data-done]').length")
+    browser.eval(f"document.getElementById('temperature').value = {json.dumps(temperature)}")
+    browser.eval("document.getElementById('input').focus()")
+    browser.type(prompt)
+    browser.press_enter()
+    browser.wait_for(f"document.querySelectorAll('.msg.bot[data-done]').length > {n}", timeout=120)
+    last = "[...document.querySelectorAll('.msg.bot')].at(-1)"
+    return browser.eval(f"{last}.textContent"), json.loads(browser.eval(f"{last}.dataset.ids"))
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    if find_chromium() is None:
+        missing("no chromium on PATH (apt-get install chromium)")
+    dist = ort_web_dist()
+    from guppy.export import export
+
+    root = str(tmp_path_factory.mktemp("web"))
+    data, run = make_run(root)
+    out = os.path.join(root, "export")
+    export(run, out, runtime_dir=dist, log=lambda *a: None)
+    server, url = serve(out)
+    browser = None
+    try:
+        browser = open_page(url)
+        yield browser, run, root
+    finally:
+        if browser is not None:
+            browser.close()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_pinned_cdn_hashes_match_the_npm_package():
+    """The CDN default's SRI hashes are those of the npm package's files (which the CDN serves byte for byte)."""
+    dist = ort_web_dist()
+    with open(os.path.join(os.path.dirname(dist), "package.json")) as f:
+        assert json.load(f)["version"] == ORT_WEB_VERSION
+    assert {name: sri(os.path.join(dist, name)) for name in ORT_WEB_FILES} == ORT_WEB_FILES
+
+
+def test_greedy_reply_in_the_browser_equals_pytorch(page, tmp_path):
+    from guppy.chat import NO_REPLY, Chat
+
+    browser, run, _ = page
+    chat = Chat(run, temperature=0.0)
+    for prompt in PROMPTS:
+        ids, _ = chat.encode_prompt(prompt)
+        want = chat.generate(ids)
+        text, got = ask(browser, prompt)
+        assert got == want, prompt
+        assert text == (chat.reply(prompt) or NO_REPLY), prompt
+    browser.screenshot(str(tmp_path / "page.png"))
+    with open(tmp_path / "page.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sampled_reply_in_the_browser_stops_and_decodes(page):
+    browser, _, _ = page
+    text, ids = ask(browser, "hello", temperature="1.0")
+    assert text and len(ids) >= 1 and all(isinstance(i, int) for i in ids)
+
+
+# where JavaScript's \s and the tokenizer's regex disagree: U+0085 is white space there, U+FEFF and U+001C are not
+WHITE_SPACE_EDGES = ["!\u0085!", "a \u0085b", "!\ufeff!", "x \ufeff!", "!\x1c!", "!\u180e!", "!\u2028!",
+                     "!\u3000!", "ab\u0085\u0085cd", "ab\ufeffcd"]
+
+
+def tokenizer_corpus(data_dir: str, n_random: int = 150) -> list[str]:
+    """Prompts and replies of the data, unicode edge cases (whitespace the regex engines disagree on, emoji sequences,
+    scripts, control characters), and random strings over a mixed alphabet."""
+    from guppy.data import read_jsonl
+
+    rows = read_jsonl(os.path.join(data_dir, "eval.jsonl"))[:30] + read_jsonl(os.path.join(data_dir, "train.jsonl"))[:50]
+    corpus = [r["input"] for r in rows] + [r["output"] for r in rows]
+    corpus += ["Hello World!", "I'M SHOUTING", "don't you'll we've I'd", "héllo wörld", "日本語のテキスト",
+               "emoji 🐟🐠🐡 fish", "👨‍👩‍👧 family", "🏳️‍🌈", "tabs\tand\nnewlines\r\n", "  leading and trailing  ",
+               "nbsp\u00a0here", "nel\u0085x", "bom\ufeffx", "zero\u200bwidth", "ideographic\u3000space",
+               "numbers 123 4567 ٣٤٥", "mixed123abc", "x<|im_end|>y", "<|im_start|>user", "'s 's 'S", "a  b   c",
+               "\n\n\n", "", " ", "ok…", "café ☕", "\x00\x01 control", "line\u2028sep", "ς σ Σ", "İstanbul",
+               "ﬁ ligature", "🤖" * 5, "a" * 200, "ab" * 50, "ǅ title case", "\U0001d400 math bold", "한국어 텍스트",
+               *WHITE_SPACE_EDGES]
+    rng = random.Random(0)
+    alphabet = "abcXYZ 019!?.,'é🐟\n\t\u00a0日\u2003"
+    corpus += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(n_random)]
+    return corpus
+
+
+def test_js_tokenizer_ids_equal_python(page):
+    """On the run's tokenizer, and on one trained on the corpus itself: with merges across unicode, emoji and odd
+    white space, a piece boundary in the wrong place changes the ids."""
+    from guppy.chat import encode_prompt_ids
+    from guppy.data import load_tokenizer, train_tokenizer
+
+    browser, run, root = page
+    corpus = tokenizer_corpus(os.path.join(root, "data"))
+    assert len(corpus) >= 300
+    rich = train_tokenizer(corpus + WHITE_SPACE_EDGES * 50, vocab_size=700)  # merges across those characters
+    for tok in (load_tokenizer(os.path.join(run, "tokenizer.json")), rich):
+        js = f"new guppy.tokenizer.constructor({tok.to_str()})"
+        got = browser.eval(f"JSON.stringify({json.dumps(corpus)}.map((s) => {js}.encode(s)))")
+        tok.encode_special_tokens = True   # plain text: typed text makes no control tokens, as the page encodes it
+        want = [tok.encode(s, add_special_tokens=False).ids for s in corpus]
+        assert json.loads(got) == want
+        decoded = browser.eval(f"JSON.stringify({json.dumps(want)}.map((ids) => {js}.decode(ids)))")
+        assert json.loads(decoded) == [tok.decode(ids) for ids in want]
+        prompts = browser.eval(f"JSON.stringify({json.dumps(PROMPTS)}.map((s) => {js}.encodePrompt(s)))")
+        assert json.loads(prompts) == [encode_prompt_ids(tok, p) for p in PROMPTS]
+
+
+def main(run: str, png: str):
+    """Export `run` (offline runtime), serve it, ask two of its sample prompts, and screenshot the page."""
+    import tempfile
+
+    from guppy.export import export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "export")
+        export(run, out, runtime_dir=ort_web_dist())
+        server, url = serve(out)
+        try:
+            browser = open_page(url)
+            with open(os.path.join(out, "persona.json")) as f:
+                prompts = json.load(f)["sample_prompts"][:2] or ["hi"]
+            for p in prompts + ["What do you think of CATS?"]:
+                print(p, "->", ask(browser, p, temperature="0")[0])
+            browser.screenshot(png)
+            browser.close()
+        finally:
+            server.terminate()
+    print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
