@@ -16,13 +16,17 @@ def main(argv=None):
     s.add_argument("--no-save", action="store_true")
     s = sub.add_parser("train", help="time to GuppyLM's held-out loss: reference, +compile, +sdpa, guppy-fast")
     s.add_argument("--device", default="auto")
-    s.add_argument("--runs", default="reference,reference+compile,reference+sdpa,guppy-fast")
+    s.add_argument("--runs", default="reference,reference+compile,reference+sdpa,guppy-fast",
+                   help="comma-separated; reference is added unless --target-from gives the target")
+    s.add_argument("--target-from", metavar="FILE", help="take target_eval_loss (and its eval setting) from a "
+                   "reference-curve or earlier bench-train JSON, so --runs may leave out reference")
     s.add_argument("--data", help="prepared data folder (default: 60,000 fresh conversations from the fish)")
     s.add_argument("--max-steps", type=int, help="override every run's step count (quick looks, not results)")
     s.add_argument("--smoke", action="store_true", help="tiny model, few steps, on the CPU (CI)")
     s.add_argument("--compile-on-cpu", action="store_true", help="with --smoke, also run reference+compile")
     s.add_argument("--no-progress", action="store_true")
-    s.add_argument("--out", help="result JSON path (default bench/results/<device>-<date>.json; PNG beside it)")
+    s.add_argument("--out", metavar="DIR|FILE.json", help="a folder for <device>-<date>.json, or a .json path "
+                   "(default bench/results/; PNG beside it)")
     s = sub.add_parser("kernels", help="guppy's kernels vs eager, torch.compile, Liger, SDPA (GPU)")
     s.add_argument("--suite", default="layer_norm,cross_entropy,attention")
     s.add_argument("--quick", action="store_true", help="only the guppy-9m shapes")
