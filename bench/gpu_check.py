@@ -681,7 +681,7 @@ def graph_vs_eager(device, smoke, steps=5, timed_steps=30, make_graph_step=None)
     return out
 
 
-GRAPH_TOLERANCE = {"loss_max_rel_diff": 1e-3, "update_rel_diff": 2e-2}
+GRAPH_TOLERANCE = {"loss_max_rel_diff": 1e-3, "update_rel_diff": 5e-2}   # bitwise equality is reported too
 
 
 def stage_graph(ctx):
