@@ -2,18 +2,18 @@
 
     python -m bench gpu-check [--out DIR] [--only STAGE,...] [--cpu-smoke]          (make gpu-check OUT=DIR)
 
-The lead's commands for this project's device machine (H100/H200, torch 2.11 + triton 3.6 preinstalled, no network):
-    run(command="PYTHONUNBUFFERED=1 make gpu-check OUT=$OUT", timeout_s=420)
-then, on the same warm machine, time to quality (<= 9 min; the JSON is rewritten after every run, so a cut keeps the
-runs that finished):
-    run(command="python3 -m pip install -q --no-deps --no-build-isolation -e . && PYTHONUNBUFFERED=1 "
-                "python3 -m bench train --no-progress --out $OUT", timeout_s=600)
-If gpu-check's `step` stage projects the reference run (10,000 pad steps) over ~150 s, split it in two calls:
+The lead's commands on this project's device tool (H100/H200, torch 2.11 + triton 3.6 preinstalled, no network), the
+first with timeout_s=420 (the run stops starting stages at 5 min 40 s), the second with timeout_s=600 on the same
+machine or a fresh one (time to quality, <= 9 min; its JSON is rewritten after every run, so a cut keeps what finished):
+    make gpu-check OUT=$OUT
+    python3 -m pip install -q --no-deps --no-build-isolation -e . && python3 -u -m bench train --no-progress --out $OUT
+If gpu-check's `step` figures project the reference run (10,000 pad steps) over ~130 s, split the second in two calls:
 `--runs reference,reference+sdpa --out $OUT`, commit that JSON under bench/results/, then
 `--runs reference+compile,guppy-fast --target-from bench/results/<that file> --out $OUT`.
 
 Stages, each a child process (`python -m bench gpu-check --stage NAME`) with its own timeout, so a hang or a crash
-in one is recorded and the next one runs. Budgets are timeouts on an H100 (expected times are a third to a half):
+in one is recorded and the next one runs. Budgets are timeouts, sized for an H100 from estimates (no GPU has run
+this file yet; the JSON records each stage's seconds, so the next run can size them from measurements):
     phase  stage             budget s  what
     0      install               60    `pip install --no-deps --no-build-isolation -e .` when guppy is not importable
     1      environment           30    nvidia-smi, versions, nvcc/compute-sanitizer/ncu, kernel and container runtime

@@ -118,7 +118,8 @@ def test_first_error_prefers_sanitizer_reports_then_failed_tests_then_exceptions
     pytest_out = ("tests/test_x.py ..F\nE   AssertionError: 3 != 4\n"
                   "FAILED tests/test_x.py::test_y[cuda-fp16] - AssertionError: 3 != 4\n1 failed, 2 passed\n")
     assert gc.first_error(pytest_out).startswith("FAILED tests/test_x.py::test_y[cuda-fp16]")
-    traceback = 'Traceback (most recent call last):\n  File "x.py", line 1\ntorch.OutOfMemoryError: CUDA out of memory\n'
+    traceback = ('Traceback (most recent call last):\n  File "x.py", line 1\n'
+                 'torch.OutOfMemoryError: CUDA out of memory\n')
     assert gc.first_error(traceback) == "torch.OutOfMemoryError: CUDA out of memory"
     assert gc.first_error("attention.cu(12): error: identifier \"x\" is undefined\n").startswith("attention.cu(12)")
     assert gc.first_error("all good\n" + gc.MARK + '{"figures": {"error": 1}}\n') is None
