@@ -627,7 +627,7 @@ def update_difference(start, a, b) -> float:
     return worst
 
 
-def graph_vs_eager(device, smoke, steps=5, timed_steps=30, make_graph_step=None):
+def graph_vs_eager(device, smoke, steps=5, timed_steps=None, make_graph_step=None):
     """Two identical guppy-9m-fast models (dropout off: a replay and an eager step draw different randomness) take the
     same `steps` batches, one through CudaGraphStep (3 eager warm-up steps, then capture, then replays), one through
     train_step. Returns losses, the relative weight difference, and (GPU) ms per step of each."""
@@ -644,7 +644,8 @@ def graph_vs_eager(device, smoke, steps=5, timed_steps=30, make_graph_step=None)
     if smoke:
         model_cfg = ModelConfig(**{**model_cfg.to_dict(), "d_model": 32, "n_layers": 1, "n_heads": 2,
                                    "ffn_hidden": 64, "max_seq_len": 32, "ops": "reference"})
-        cfg.batch_size, timed_steps = 2, 0
+        cfg.batch_size = 2
+    timed_steps = (0 if smoke else 30) if timed_steps is None else timed_steps
     split = synthetic_split(400 if smoke else 4000, model_cfg.vocab_size)
     batcher = Batcher(split, cfg.batch_size, model_cfg.max_seq_len, "packed", seed=0)
     batches = [batcher.next_batch().to(dev) for _ in range(steps + timed_steps)]
@@ -670,13 +671,14 @@ def graph_vs_eager(device, smoke, steps=5, timed_steps=30, make_graph_step=None)
            "loss_max_rel_diff": max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(loss_g, loss_e)),
            "update_rel_diff": update_difference(start, list(m_g.parameters()), list(m_e.parameters())),
            "bitwise_equal_weights": all(torch.equal(a, b) for a, b in zip(m_g.parameters(), m_e.parameters()))}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if timed_steps:
         for name, fn in (("eager_ms", eager), ("graph_ms", graph)):
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             for b in batches[steps:]:
                 fn(b)
-            torch.cuda.synchronize()
+            sync()
             out[name] = round((time.perf_counter() - t) * 1e3 / timed_steps, 3)
     return out
 

@@ -237,3 +237,96 @@ def test_test_extras_keep_numpy_below_2_4():
     numpy_reqs = [Requirement(r) for r in extras["test"] if Requirement(r).name == "numpy"]
     assert numpy_reqs and all(not req.specifier.contains("2.4.0") and req.specifier.contains("2.3.5")
                               for req in numpy_reqs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The GPU branches of the stages, run here with fakes for what only a GPU machine has
+# ----------------------------------------------------------------------------------------------------------------------
+def _fake_tool(tmp_path, name, script):
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+    return str(path)
+
+
+def _reported(capsys):
+    figures, skip, fail = gc.reports(capsys.readouterr().out)
+    return figures
+
+
+def test_environment_reads_nvidia_smi(tmp_path, monkeypatch, capsys):
+    _fake_tool(tmp_path, "nvidia-smi", 'case "$*" in *query-gpu*) echo "580.159.04, 1980 MHz, 1980 MHz, 2619 MHz, '
+                                       '120.50 W, 35";; *) echo "| NVIDIA H100 80GB HBM3 |";; esac\n')
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    gc.stage_environment(gc.Ctx(str(tmp_path), str(tmp_path), smoke=True))
+    figures = _reported(capsys)
+    assert figures["nvidia_smi"] == "580.159.04, 1980 MHz, 1980 MHz, 2619 MHz, 120.50 W, 35"
+    assert figures["torch"] == torch.__version__ and figures["kernel"] and figures["runtime"]
+
+
+@pytest.mark.parametrize("report,rc,fails_with", [
+    ("========= COMPUTE-SANITIZER\\ncsrc_sanitize: 4 cases ok on cuda\\n========= ERROR SUMMARY: 0 errors", 0, None),
+    ("========= Invalid __shared__ read of size 4 bytes\\n=========     at attn_bwd_dkv+0x90\\n"
+     "========= ERROR SUMMARY: 1 error", 1, "memcheck: ========= Invalid __shared__ read of size 4 bytes"),
+    ("========= Error: Device not supported", 1, "memcheck: ========= Error: Device not supported"),
+])
+def test_sanitizer_stage_passes_only_on_a_clean_summary(tmp_path, monkeypatch, capsys, report, rc, fails_with):
+    import guppy.targets
+    fake = _fake_tool(tmp_path, "compute-sanitizer", f'printf "{report}\\n"; exit {rc}\n')
+    monkeypatch.setattr(guppy.targets, "find_cuda_tool", lambda name: fake if name == "compute-sanitizer" else None)
+    monkeypatch.setattr(gc, "need_cuda", lambda ctx: None)
+    ctx = gc.Ctx(str(tmp_path), str(tmp_path), smoke=False)
+    if fails_with is None:
+        gc.stage_sanitizer(ctx, "memcheck")
+        assert _reported(capsys)["errors"] == 0
+    else:
+        with pytest.raises(SystemExit) as e:
+            gc.stage_sanitizer(ctx, "memcheck")
+        assert str(e.value.code) == fails_with
+
+
+def test_kernels_stage_writes_its_result_from_measured_rows(tmp_path, monkeypatch, capsys):
+    """Everything of the kernels stage but do_bench: recorded rows in place of measurements, one of ours failing."""
+    import bench.common
+    import bench.kernels
+
+    def measure(case, copy_gbs):
+        row = {"suite": case.suite, "shape": case.shape, "impl": case.impl, "fwd_ms": [0.1, 0.09, 0.11],
+               "bwd_ms": [0.2, 0.19, 0.21], "fwd_bwd_ms": [0.3, 0.29, 0.31], "peak_mem_mb": 1.0}
+        if case.bytes_fwd:
+            row.update(fwd_bwd_gbs=1500.0, fraction_of_copy_bw=0.5)
+        if case.flops_fwd:
+            row.update(fwd_tflops=100.0, fwd_bwd_tflops=120.0)
+        if case.impl == "sdpa-cudnn":
+            return {"suite": case.suite, "shape": case.shape, "impl": case.impl, "error": "RuntimeError: no cuDNN"}
+        return row
+
+    env = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0",
+           "date": "2026-11-26"}
+    monkeypatch.setattr(gc, "need_cuda", lambda ctx: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(bench.kernels, "copy_bandwidth_gbs", lambda: 3000.0)
+    monkeypatch.setattr(bench.kernels, "measure", measure)
+    monkeypatch.setattr(bench.common, "environment", lambda *a, **k: dict(env))
+    gc.stage_kernels(gc.Ctx(str(tmp_path), str(tmp_path), smoke=False))
+    result = json.loads((tmp_path / "kernels-nvidia-h100-80gb-hbm3-2026-11-26.json").read_text())
+    assert result["dtype"] == "bfloat16" and len(result["rows"]) == len(gc.select_kernel_cases(torch.bfloat16))
+    figures = _reported(capsys)
+    assert figures["copy_gbs"] == 3000.0 and figures["ours_fwd_bwd_ms"]["layer_norm 4096x384"] == 0.3
+
+    monkeypatch.setattr(bench.kernels, "measure", lambda case, gbs: {**measure(case, gbs), "error": "boom"}
+                        if case.impl == "ours" else measure(case, gbs))
+    with pytest.raises(SystemExit, match="layer_norm 4096x384 ours: boom"):
+        gc.stage_kernels(gc.Ctx(str(tmp_path), str(tmp_path), smoke=False))
+
+
+def test_graph_timing_reports_ms_per_step_of_both(one_thread):
+    r = gc.graph_vs_eager("cpu", smoke=True, steps=2, timed_steps=2)
+    assert r["eager_ms"] > 0 and r["graph_ms"] > 0
+
+
+def test_pytest_command_on_a_gpu_uses_workers_and_leaves_the_emulator_cases_out():
+    cmd = gc.pytest_command(["tests/test_attention.py"], "/w/t.xml", "not cpu", workers=8)
+    assert cmd[:4] == [sys.executable, "-m", "pytest", "tests/test_attention.py"]
+    assert "--junitxml=/w/t.xml" in cmd and cmd[cmd.index("-k") + 1] == "not cpu" and cmd[cmd.index("-n") + 1] == "8"
+    assert "-x" not in cmd                                     # every test runs: the counts are the result
