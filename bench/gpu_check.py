@@ -318,14 +318,17 @@ def default_out() -> str:
 def run_all(args) -> int:
     t0 = time.monotonic()
     smoke = bool(args.cpu_smoke)
-    out = os.path.abspath(args.out or default_out())
-    os.makedirs(out, exist_ok=True)
-    work = tempfile.mkdtemp(prefix="guppy-gpu-check-")
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     unknown = [s for s in only or [] if s not in BY_NAME]
     if unknown:
         raise SystemExit(f"python -m bench gpu-check: --only: unknown stage(s) {', '.join(unknown)}; "
                          f"choose from {', '.join(BY_NAME)}")
+    out = os.path.abspath(args.out or default_out())
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"python -m bench gpu-check: --out {out}: {e.strerror}") from None
+    work = tempfile.mkdtemp(prefix="guppy-gpu-check-")
     stages = [s for s in STAGES if only is None or s.name in only or s.name == "install"]
     deadline = t0 + (SMOKE_DEADLINE_S if smoke else DEADLINE_S)
     result = {"benchmark": "gpu-check", "cpu_smoke": smoke, "date": datetime.date.today().isoformat(),

@@ -104,11 +104,13 @@ def test_no_stage_starts_after_the_deadline_and_none_runs_past_it(tmp_path):
     assert records[0]["status"] == "fail" and records[0]["budget_s"] <= 7 and time.monotonic() - t < 15
 
 
-def test_only_rejects_unknown_stages_in_one_line():
-    r = subprocess.run([sys.executable, "-m", "bench", "gpu-check", "--only", "tests,nonsense"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+def test_only_rejects_unknown_stages_in_one_line_before_making_anything(tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "bench", "gpu-check", "--only", "tests,nonsense", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"python -m bench gpu-check: --only: unknown stage(s) nonsense; choose from {', '.join(gc.BY_NAME)}"]
+    assert not out.exists()
 
 
 def test_first_error_prefers_sanitizer_reports_then_failed_tests_then_exceptions():
