@@ -17,7 +17,7 @@ CASES = [(80, 64), (80, 32), (80, 128), (17, 64)]   # (T, D); B=2 rows, H=2 head
 
 def run_case(T, D, device, dropout_p=0.1, seed=1234):
     from guppy import csrc
-    from guppy.ops import attention_reference
+    from guppy.reference import attention_reference
     g = torch.Generator().manual_seed(T * 1000 + D)
     q, k, v, do = (torch.randn(2, 2, T, D, generator=g).half().to(device) for _ in range(4))
     cut = T * 3 // 8

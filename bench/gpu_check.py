@@ -511,8 +511,8 @@ def stage_data(ctx):
     report(samples=samples, headline=f"{samples} conversations prepared")
 
 
-GPU_TEST_FILES = ["test_layer_norm.py", "test_attention.py", "test_masked_softmax.py", "test_cross_entropy.py",
-                  "test_csrc_attention.py", "test_fast_path.py", "test_model.py", "test_convergence.py"]
+GPU_TEST_FILES = ["test_layer_norm.py", "test_attention.py", "test_gemm_softmax.py", "test_cross_entropy.py",
+                  "test_csrc_attention.py", "test_ops.py", "test_fast_path.py", "test_model.py", "test_convergence.py"]
 
 
 def pytest_command(files, junit, keyword, workers=0) -> list[str]:
@@ -741,8 +741,8 @@ def stage_kernels(ctx):
         if "error" in row and case.impl.startswith("ours"):
             errors.append(f"{case.suite} {case.shape} {case.impl}: {row['error']}")
     write_result(result, result_path(ctx.out, result, "kernels-"), plot)
-    ours = {f"{r['suite']} {r['shape']}": r["fwd_bwd_ms"][0] for r in result["rows"]
-            if r["impl"] in ("ours", "ours-flash") and "fwd_bwd_ms" in r}
+    ours = {f"{r['suite']} {r['shape']} {r['impl']}": r["fwd_bwd_ms"][0] for r in result["rows"]
+            if r["impl"].startswith("ours") and "fwd_bwd_ms" in r}
     report(copy_gbs=round(copy_gbs, 1), cases=len(result["rows"]), ours_fwd_bwd_ms=ours,
            headline=f"copy {copy_gbs:.0f} GB/s, {len(result['rows'])} cases, {len(errors)} of ours failed")
     if errors:

@@ -208,7 +208,7 @@ def test_kernel_cases_are_the_guppy_shape_and_the_largest_per_op():
                       ("cross_entropy", "8192x32000"), ("attention", "B32 H6 T128 D64"),
                       ("attention", "B2 H6 T2048 D64")}
     assert not {c.impl for c in cases} & set(gc.KERNEL_SKIPPED_IMPLS)
-    assert {"ours", "ours-flash"} <= {c.impl for c in cases}
+    assert {"ours", "ours-triton", "ours-csrc"} <= {c.impl for c in cases}
 
 
 def test_make_gpu_check_passes_out_and_runs_without_a_venv():
@@ -314,7 +314,7 @@ def test_kernels_stage_writes_its_result_from_measured_rows(tmp_path, monkeypatc
     result = json.loads((tmp_path / "kernels-nvidia-h100-80gb-hbm3-2026-11-26.json").read_text())
     assert result["dtype"] == "bfloat16" and len(result["rows"]) == len(gc.select_kernel_cases(torch.bfloat16))
     figures = _reported(capsys)
-    assert figures["copy_gbs"] == 3000.0 and figures["ours_fwd_bwd_ms"]["layer_norm 4096x384"] == 0.3
+    assert figures["copy_gbs"] == 3000.0 and figures["ours_fwd_bwd_ms"]["layer_norm 4096x384 ours"] == 0.3
 
     monkeypatch.setattr(bench.kernels, "measure", lambda case, gbs: {**measure(case, gbs), "error": "boom"}
                         if case.impl == "ours" else measure(case, gbs))
