@@ -25,9 +25,8 @@ linear_cross_entropy(hidden (N, C), weight (V, C), target (N,)) = cross_entropy(
     Chunks of tokens: for each chunk, logits_c = hidden_c @ weightᵀ (torch.matmul, i.e. cuBLAS and its tensor cores),
     the kernel above writes dlogits_c into logits_c, then grad_hidden_c = dlogits_c @ weight and
     grad_weight += dlogits_cᵀ @ hidden_c (fp32 accumulator), all inside the forward. The (N × V) logits never exist:
-    only one (chunk × V) buffer, reused. dlogits are stored unscaled (the gradient of the sum): with 1/n folded in,
-    fp16 values near 1/(n·V) fell into subnormals before GradScaler's scale arrived. Backward scales grad_hidden and
-    grad_weight by grad_output (times 1/n for "mean") in fp32; for
+    only one (chunk × V) buffer, reused. dlogits are stored unscaled (the gradient of the sum), so fp16 ones stay out
+    of subnormals; backward scales grad_hidden and grad_weight by grad_output (times 1/n for "mean") in fp32. For
     reduction="none" (one grad_output per row) the backward recomputes the chunks with the rows scaled instead.
     Autocast: under torch.autocast the matmuls run in the autocast dtype (weight cast once per call); grad_weight is
     accumulated in fp32 and returned in weight's dtype, grad_hidden in hidden's dtype. Default chunk: the power of two
