@@ -43,7 +43,6 @@ emulator, the graph stage with the eager step standing in for the capture, the k
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -664,10 +663,16 @@ def graph_vs_eager(device, smoke, steps=5, timed_steps=None, make_graph_step=Non
 
     (m_e, opt_e, sc_e), (m_g, opt_g, sc_g) = make(), make()
     start = [p.detach().clone() for p in m_e.parameters()]
-    eager = lambda b: train_step(m_e, b, opt_e, sc_e, cfg.grad_clip, dev, amp)
-    # the CPU twin: no capture exists there, so the eager step stands in for the graph (same comparison code)
-    graph = (make_graph_step or (lambda m, o, s: CudaGraphStep(m, o, s, cfg.grad_clip, amp) if graphs else
-                                 (lambda b: train_step(m, b, o, s, cfg.grad_clip, dev, amp))))(m_g, opt_g, sc_g)
+    def eager(b):
+        return train_step(m_e, b, opt_e, sc_e, cfg.grad_clip, dev, amp)
+
+    def graph_step(model, opt, scaler):
+        if graphs:
+            return CudaGraphStep(model, opt, scaler, cfg.grad_clip, amp)
+        # the CPU twin: no capture exists there, so the eager step stands in for the graph (same comparison code)
+        return lambda b: train_step(model, b, opt, scaler, cfg.grad_clip, dev, amp)
+
+    graph = (make_graph_step or graph_step)(m_g, opt_g, sc_g)
     loss_e = [float(eager(b)) for b in batches[:steps]]
     loss_g = [float(graph(b)) for b in batches[:steps]]
     out = {"loss_eager": loss_e, "loss_graph": loss_g,

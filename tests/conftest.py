@@ -29,7 +29,9 @@ def interpreter_numpy_note(triton_version: str, numpy_version: str):
     """One line when Triton's interpreter cannot run under this NumPy, else None. Triton < 3.7 (3.6 is Colab's) turns
     a runtime scalar into an int with int(array), which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
     converted to Python scalars"); triton-lang/triton#9172 fixed it in 3.7.0. The [test] extras pin numpy<2.4."""
-    version = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2] if p.isdigit())
+    def version(v):
+        return tuple(int(p) for p in v.split("+")[0].split(".")[:2] if p.isdigit())
+
     if version(triton_version) < (3, 7) and version(numpy_version) >= (2, 4):
         return (f"note: Triton {triton_version}'s interpreter fails with NumPy {numpy_version} (\"only 0-dimensional "
                 "arrays can be converted to Python scalars\"); use numpy<2.4 (pip install -e \".[test]\") or "

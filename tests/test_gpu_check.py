@@ -167,7 +167,11 @@ def test_container_runtime_from_what_the_project_machines_reported():
 
 def test_install_runs_pip_only_when_guppy_is_not_importable(monkeypatch):
     calls = []
-    run = lambda cmd: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0)
+
+    def run(cmd):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
     with pytest.raises(gc.Skip, match="importable"):
         gc.stage_install(None, probe=lambda: (True, "/x/guppy/__init__.py"), run=run)
     assert calls == []
