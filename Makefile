@@ -1,5 +1,5 @@
 # `make demo` (prepare, train, chat) and `make test` (the suite CI runs); `make lint` (ruff, ruff.toml) and
-# `make targets` (cross-compile every kernel for sm_75/80/90, no GPU needed).
+# `make targets` (cross-compile every kernel for sm_75/80/90, no GPU needed); `make gpu-check OUT=DIR` on a GPU machine.
 # Both use the active virtual environment, or create .venv when none is active.
 PYTHON ?= python3
 ifdef VIRTUAL_ENV
@@ -12,7 +12,7 @@ RUN ?= runs/demo
 PYTEST_ARGS ?=
 ARCH ?= 75,80,90
 
-.PHONY: demo test lint targets install venv bench-step clean
+.PHONY: demo test lint targets install venv bench-step gpu-check clean
 
 venv:
 	@test -x "$(PY)" || $(PYTHON) -m venv .venv
@@ -41,6 +41,12 @@ lint: venv
 
 targets: install
 	$(PY) -m guppy targets --arch $(ARCH)
+
+# One prepared GPU check (bench/gpu_check.py), OUT=DIR for its files. It runs on the machine's own Python (a GPU
+# machine has torch preinstalled; no venv is made) and installs guppy itself when it is not importable.
+gpu-check:
+	@py="$(PY)"; [ -x "$$py" ] || py=$(PYTHON); \
+	$$py -m bench gpu-check $(if $(OUT),--out "$(OUT)") $(GPU_CHECK_ARGS)
 
 bench-step: install
 	$(PY) -m bench step

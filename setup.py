@@ -29,7 +29,9 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib", "onnx", "onnxscript", "onnxruntime"],
+        # numpy<2.4: Triton < 3.7's interpreter (3.6 is Colab's) fails under NumPy >= 2.4; fixed in Triton 3.7.0
+        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib", "onnx", "onnxscript", "onnxruntime",
+                 "numpy<2.4"],
         # guppy export and the ONNX chat (torch.onnx's exporter needs onnxscript)
         "export": ["onnx", "onnxscript", "onnxruntime"],
         "bench": ["pytest-benchmark", "triton", "matplotlib", "nbclient", "nbformat", "ipykernel"],

@@ -1,4 +1,7 @@
-"""python -m bench {step,train,kernels,reference-curve}: guppy's benchmark suites. Results go to bench/results/ as JSON."""
+"""python -m bench {step,train,kernels,reference-curve,gpu-check}: guppy's benchmark suites.
+
+Results go to bench/results/ as JSON.
+"""
 import argparse
 
 
@@ -16,13 +19,24 @@ def main(argv=None):
     s.add_argument("--no-save", action="store_true")
     s = sub.add_parser("train", help="time to GuppyLM's held-out loss: reference, +compile, +sdpa, guppy-fast")
     s.add_argument("--device", default="auto")
-    s.add_argument("--runs", default="reference,reference+compile,reference+sdpa,guppy-fast")
+    s.add_argument("--runs", default="reference,reference+compile,reference+sdpa,guppy-fast",
+                   help="comma-separated; reference is added unless --target-from gives the target")
+    s.add_argument("--target-from", metavar="FILE", help="take target_eval_loss (and its eval setting) from a "
+                   "reference-curve or earlier bench-train JSON, so --runs may leave out reference")
     s.add_argument("--data", help="prepared data folder (default: 60,000 fresh conversations from the fish)")
     s.add_argument("--max-steps", type=int, help="override every run's step count (quick looks, not results)")
     s.add_argument("--smoke", action="store_true", help="tiny model, few steps, on the CPU (CI)")
     s.add_argument("--compile-on-cpu", action="store_true", help="with --smoke, also run reference+compile")
     s.add_argument("--no-progress", action="store_true")
-    s.add_argument("--out", help="result JSON path (default bench/results/<device>-<date>.json; PNG beside it)")
+    s.add_argument("--out", metavar="DIR|FILE.json", help="a folder for <device>-<date>.json, or a .json path "
+                   "(default bench/results/; PNG beside it)")
+    s = sub.add_parser("gpu-check", help="everything a GPU is needed for, in one run (<= 6 min on an H100)")
+    s.add_argument("--out", metavar="DIR", help="folder for gpu-check.json, gpu-check.log and the suites' results "
+                   "(default bench/results/gpu-check-<device>-<date>/)")
+    s.add_argument("--only", metavar="STAGE,...", help="run only these stages (a rerun after a fix)")
+    s.add_argument("--cpu-smoke", action="store_true", help="the same stages on the CPU, tiny (CI)")
+    s.add_argument("--stage", help=argparse.SUPPRESS)   # the child process that runs one stage
+    s.add_argument("--work", help=argparse.SUPPRESS)
     s = sub.add_parser("kernels", help="guppy's kernels vs eager, torch.compile, Liger, SDPA (GPU)")
     s.add_argument("--suite", default="layer_norm,cross_entropy,attention")
     s.add_argument("--quick", action="store_true", help="only the guppy-9m shapes")

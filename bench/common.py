@@ -11,9 +11,21 @@ import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-# Dense fp16/bf16 tensor-core peaks (TFLOPS, no sparsity), from the vendors' datasheets; MFU is measured against these.
+# Dense fp16/bf16 tensor-core peaks with fp32 accumulation (TFLOPS, no sparsity), from the vendors' datasheets, by the
+# exact name torch.cuda.get_device_name() reports: variants of one chip differ (H100 PCIe 756, SXM 989), and a
+# substring would match the wrong card ("L4" is in "L40S"). A name not listed has an unknown peak and no MFU.
 PEAK_TFLOPS = {
-    "T4": 65.0, "A100": 312.0, "L4": 121.0, "H100": 989.0, "H200": 989.0, "A10": 125.0, "V100": 125.0,
+    "Tesla T4": 65.0,
+    "Tesla V100-SXM2-16GB": 125.0, "Tesla V100-SXM2-32GB": 125.0,
+    "Tesla V100-PCIE-16GB": 112.0, "Tesla V100-PCIE-32GB": 112.0,
+    "NVIDIA A100-SXM4-40GB": 312.0, "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A10": 125.0,                 # the A10G (AWS) has no NVIDIA datasheet figure: unknown, not guessed
+    "NVIDIA L4": 121.0, "NVIDIA L40": 181.0, "NVIDIA L40S": 362.0,
+    "NVIDIA H100 80GB HBM3": 989.0,      # H100 SXM5
+    "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.0,                # H200 SXM
+    "NVIDIA H200 NVL": 835.0,
 }
 
 
@@ -24,10 +36,14 @@ def device_name(device=None) -> str:
 
 
 def peak_tflops(name: str) -> float | None:
-    for key, peak in PEAK_TFLOPS.items():
-        if key in name:
-            return peak
-    return None
+    """The datasheet peak for this exact device name, or None (unknown: no MFU is reported)."""
+    return PEAK_TFLOPS.get(name.strip())
+
+
+def peak_note(name: str) -> str:
+    peak = peak_tflops(name)
+    return f"{peak:g} TFLOPS (dense fp16/bf16 datasheet peak)" if peak else \
+        f"unknown peak for {name!r}: no MFU (bench/common.py PEAK_TFLOPS lists exact device names)"
 
 
 def environment(device=None) -> dict:
@@ -60,6 +76,15 @@ def write_result(result: dict, path: str, plot=None) -> str:
 def default_result_path(result: dict, prefix: str = "", subdir: str = "") -> str:
     """bench/results/[subdir/]<prefix><device>-<date>.json"""
     return os.path.join(RESULTS_DIR, subdir, f"{prefix}{slug(result['device'])}-{result['date']}.json")
+
+
+def result_path(out: str | None, result: dict, prefix: str = "", subdir: str = "") -> str:
+    """Where --out puts a result: a path ending in .json is that file; any other path is a folder that gets the
+    default file name; none gives bench/results/[subdir/]<prefix><device>-<date>.json."""
+    default = default_result_path(result, prefix, subdir)
+    if not out:
+        return default
+    return out if out.lower().endswith(".json") else os.path.join(out, os.path.basename(default))
 
 
 def model_flops_per_token(cfg, seq_len: float) -> float:

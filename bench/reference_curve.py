@@ -46,6 +46,22 @@ def data_fingerprint(data_dir: str) -> dict:
     return out
 
 
+def read_target(path: str) -> float:
+    """The target eval loss a result file holds (`target_eval_loss`: a reference curve's final loss, or a `bench
+    train` run's target). ValueError with one line naming the file when it has none."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+    target = doc.get("target_eval_loss") if isinstance(doc, dict) else None
+    if not isinstance(target, (int, float)) or isinstance(target, bool) or not math.isfinite(target):
+        raise ValueError(f"{path}: no finite target_eval_loss in it (write one with python -m bench reference-curve)")
+    return float(target)
+
+
 @torch.no_grad()
 def eval_loss_with_stderr(model, data_dir: str, device) -> dict:
     """Token-weighted held-out loss over the whole eval split, and its standard error over conversations."""

@@ -25,7 +25,8 @@ linear_cross_entropy(hidden (N, C), weight (V, C), target (N,)) = cross_entropy(
     Chunks of tokens: for each chunk, logits_c = hidden_c @ weightᵀ (torch.matmul, i.e. cuBLAS and its tensor cores),
     the kernel above writes dlogits_c into logits_c, then grad_hidden_c = dlogits_c @ weight and
     grad_weight += dlogits_cᵀ @ hidden_c (fp32 accumulator), all inside the forward. The (N × V) logits never exist:
-    only one (chunk × V) buffer, reused. Backward scales grad_hidden and grad_weight by grad_output; for
+    only one (chunk × V) buffer, reused. dlogits are stored unscaled (the gradient of the sum), so fp16 ones stay out
+    of subnormals; backward scales grad_hidden and grad_weight by grad_output (times 1/n for "mean") in fp32. For
     reduction="none" (one grad_output per row) the backward recomputes the chunks with the rows scaled instead.
     Autocast: under torch.autocast the matmuls run in the autocast dtype (weight cast once per call); grad_weight is
     accumulated in fp32 and returned in weight's dtype, grad_hidden in hidden's dtype. Default chunk: the power of two
@@ -323,10 +324,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             w = weight.to(compute_dtype).contiguous()
             target = target.contiguous()
             loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
-            scale = _grad_scale(target, ignore_index, reduction)
+            # The chunks store d(sum of row losses)/d logits, unscaled: |softmax - target| <= 1 keeps fp16 normal
+            # down to 6e-5. Folding 1/n in before the fp16 cast (as the kernel does for `cross_entropy`) put typical
+            # values near 1/(n·V) = 6e-8 at guppy-9m's shape, in fp16's subnormals, before GradScaler's scale arrives.
+            # 1/n and grad_output are applied in fp32 in the backward.
+            ones = torch.ones(1, dtype=torch.float32, device=hidden.device)
             need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             deferred = reduction == "none"   # one grad_output per row: gradients are computed in the backward
-            gh, gw = linear_cross_entropy_chunks(h, w, target, loss_rows, scale, ignore_index, label_smoothing,
+            gh, gw = linear_cross_entropy_chunks(h, w, target, loss_rows, ones, ignore_index, label_smoothing,
                                                  chunk_size, need_h and not deferred, need_w and not deferred)
             loss = _reduce(loss_rows, target, ignore_index, reduction)
         ctx.deferred = deferred
@@ -334,7 +339,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if deferred:
             ctx.save_for_backward(h, w, target)
         else:
-            ctx.save_for_backward(gh, gw)
+            # "mean": 1/n (n = counted rows; clamped so that no row counted gives zero gradients, not 0·inf)
+            n = (target != ignore_index).sum().clamp(min=1).to(torch.float32)
+            ctx.save_for_backward(gh, gw, n.reciprocal() if reduction == "mean" else ones[0])
         return loss
 
     @staticmethod
@@ -349,8 +356,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 gh, gw = linear_cross_entropy_chunks(h, w, target, loss_rows, scale, ignore_index, label_smoothing,
                                                      chunk_size, need_h, need_w, row_scale=grad_output.float())
             else:
-                gh, gw = ctx.saved_tensors
-                go = grad_output.to(torch.float32)
+                gh, gw, mean_scale = ctx.saved_tensors
+                go = grad_output.to(torch.float32) * mean_scale
                 gh = (gh.float() * go) if gh is not None else None
                 gw = (gw * go) if gw is not None else None
         gh = gh.to(h_dtype) if (gh is not None and need_h) else None

@@ -25,6 +25,41 @@ requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 HAS_BF16 = (not HAS_CUDA) or torch.cuda.get_device_capability() >= (8, 0)
 
 
+def interpreter_numpy_note(triton_version: str, numpy_version: str):
+    """One line when Triton's interpreter cannot run under this NumPy, else None. Triton < 3.7 (3.6 is Colab's) turns
+    a runtime scalar into an int with int(array), which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
+    converted to Python scalars"); triton-lang/triton#9172 fixed it in 3.7.0. The [test] extras pin numpy<2.4."""
+    def version(v):
+        return tuple(int(p) for p in v.split("+")[0].split(".")[:2] if p.isdigit())
+
+    if version(triton_version) < (3, 7) and version(numpy_version) >= (2, 4):
+        return (f"note: Triton {triton_version}'s interpreter fails with NumPy {numpy_version} (\"only 0-dimensional "
+                "arrays can be converted to Python scalars\"); use numpy<2.4 (pip install -e \".[test]\") or "
+                "triton>=3.7")
+    return None
+
+
+def _interpreter_note():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    return interpreter_numpy_note(triton.__version__, numpy.__version__)
+
+
+def pytest_report_header(config):
+    return _interpreter_note()
+
+
+def pytest_terminal_summary(terminalreporter):
+    note = _interpreter_note()
+    if note:
+        terminalreporter.write_line(note, yellow=True)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds under the Triton interpreter")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")

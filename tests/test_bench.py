@@ -19,20 +19,26 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_bench_train_smoke_writes_schema_and_plot(tmp_path):
-    out = tmp_path / "smoke.json"
-    run_bench("train", "--smoke", "--no-progress", "--out", str(out))
+def test_bench_train_smoke_writes_schema_and_plot_into_a_folder(tmp_path):
+    run_bench("train", "--smoke", "--no-progress", "--out", str(tmp_path))
+    (out,) = tmp_path.glob("*.json")                       # --out DIR: DIR/<device>-<date>.json
     result = json.loads(out.read_text())
     for key in ("device", "torch", "triton", "date"):
         assert isinstance(result[key], str) and result[key], key
+    for key in ("runs", "run_names", "partial", "target_from", "target_eval_loss", "eval_batches", "peak", "data"):
+        assert key in result, key
     names = [r["name"] for r in result["runs"]]
     assert names == ["reference", "reference+compile", "reference+sdpa", "guppy-fast"]
+    assert result["partial"] is False and result["target_from"] is None
     ref = result["runs"][0]
-    assert "skipped" not in ref and ref["target_eval_loss"] == ref["final_eval_loss"] and ref["seconds_to_target"] > 0
+    assert "skipped" not in ref and ref["target_eval_loss"] == ref["final_eval_loss"] == result["target_eval_loss"]
+    assert positive(ref["seconds_to_target"]) and 0 < ref["setup_s"] < ref["seconds_to_target"]
     on_gpu = not result["device"].startswith("CPU")
+    if not on_gpu:  # a CPU has no datasheet peak here, and says so
+        assert result["peak_tflops"] is None and result["peak"].startswith("unknown peak")
     for run in result["runs"]:
-        for key in ("name", "seconds_to_target", "target_eval_loss", "final_eval_loss", "tokens_per_s", "mfu",
-                    "peak_mem_mb"):
+        for key in ("name", "seconds_to_target", "setup_s", "target_eval_loss", "final_eval_loss", "tokens_per_s",
+                    "mfu", "peak_mem_mb"):
             assert key in run, (run["name"], key)
         if "skipped" in run:  # a run left out says why (torch.compile on a CPU), and claims no numbers
             assert isinstance(run["skipped"], str) and run["skipped"], run
@@ -40,6 +46,7 @@ def test_bench_train_smoke_writes_schema_and_plot(tmp_path):
             continue
         # a run that ran has its numbers: finite, positive, the eval curve they come from, the reference's target
         assert positive(run["tokens_per_s"]) and positive(run["final_eval_loss"]), run
+        assert positive(run["setup_s"]), run
         assert run["eval_curve"] and run["final_eval_loss"] == run["eval_curve"][-1]["eval_loss"], run
         assert run["target_eval_loss"] == ref["final_eval_loss"], run
         if run["seconds_to_target"] is None:  # "not reached" must be true
@@ -53,7 +60,56 @@ def test_bench_train_smoke_writes_schema_and_plot(tmp_path):
     sdpa = result["runs"][2]
     assert abs(sdpa["final_eval_loss"] - ref["final_eval_loss"]) < 1e-3
     assert [p["step"] for p in ref["eval_curve"]] == sorted(p["step"] for p in ref["eval_curve"])
-    assert (tmp_path / "smoke.png").stat().st_size > 1000
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+    # the second half of a split run: no reference, its target (and eval setting) from the first file
+    second = tmp_path / "second" / "b.json"
+    run_bench("train", "--smoke", "--no-progress", "--runs", "reference+sdpa", "--max-steps", "10",
+              "--target-from", str(out), "--out", str(second))
+    split = json.loads(second.read_text())
+    assert split["run_names"] == ["reference+sdpa"] and split["partial"] is True
+    assert split["target_from"]["path"] == str(out) and split["target_from"]["data_matches"] is True
+    assert split["target_eval_loss"] == result["target_eval_loss"] == split["runs"][0]["target_eval_loss"]
+    assert split["eval_batches"] == result["eval_batches"]
+    assert split["baseline_seconds_to_target"] == ref["seconds_to_target"]     # same device: the first call's
+
+
+def test_bench_train_refuses_bad_runs_and_target_files_in_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"runs": []}')
+    for args, says in ((("--runs", "reference,fast"), "--runs 'reference,fast': unknown run(s) fast"),
+                       (("--target-from", str(bad)), f"--target-from {bad}: no finite target_eval_loss"),
+                       (("--target-from", str(tmp_path / "none.json")), "cannot read it")):
+        r = subprocess.run([sys.executable, "-m", "bench", "train", "--smoke", *args], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_peak_tflops_matches_exact_device_names():
+    from bench.common import peak_note, peak_tflops
+    assert peak_tflops("NVIDIA L4") == 121.0 and peak_tflops("NVIDIA L40S") == 362.0   # "L4" is in "L40S"
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0                               # SXM5
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0 and peak_tflops("NVIDIA H100 NVL") == 835.0
+    assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("Tesla T4") == 65.0
+    assert peak_tflops("NVIDIA A100-SXM4-40GB") == peak_tflops("NVIDIA A100 80GB PCIe") == 312.0
+    for unknown in ("NVIDIA A10G", "NVIDIA A100-SXM4-40GB MIG 1g.5gb", "NVIDIA GeForce RTX 4090", "H100"):
+        assert peak_tflops(unknown) is None and peak_note(unknown).startswith("unknown peak"), unknown
+
+
+def test_result_path_takes_a_folder_or_a_json_file():
+    from bench.common import RESULTS_DIR, result_path
+    result = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-26"}
+    assert result_path(None, result) == os.path.join(RESULTS_DIR, "nvidia-h100-80gb-hbm3-2026-11-26.json")
+    assert result_path("out", result, "step-") == os.path.join("out", "step-nvidia-h100-80gb-hbm3-2026-11-26.json")
+    assert result_path("out/x.JSON", result) == "out/x.JSON"
+
+
+def test_plan_runs_puts_reference_first_and_adds_it_only_without_a_target():
+    from bench.train import plan_runs
+    assert plan_runs("guppy-fast,reference", have_target=False) == ["reference", "guppy-fast"]
+    assert plan_runs("guppy-fast", have_target=False) == ["reference", "guppy-fast"]
+    assert plan_runs("guppy-fast, reference+sdpa,guppy-fast", have_target=True) == ["guppy-fast", "reference+sdpa"]
 
 
 def test_bench_step_cpu(tmp_path):

@@ -35,3 +35,71 @@ def test_notebook_is_valid_and_runs_top_to_bottom(tmp_path):
     assert "guppy 0.1.0" in r.stdout            # guppy info ran
     assert "layer_norm_fwd" in r.stdout         # guppy targets ran
     assert "reference" in r.stdout and "guppy-fast" in r.stdout  # the results table was printed
+    for name in ("guppy info", "guppy targets", "bench train", "results tables"):
+        assert f"=== {name}: pass" in r.stdout, name
+    assert "=== GPU parity tests: skipped (no GPU" in r.stdout
+    assert "every stage passed or was skipped" in r.stdout      # the summary
+    printed = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [res["benchmark"] for res in printed] == ["time to GuppyLM's held-out loss"]  # the result, as JSON
+
+
+def _cells(*needles):
+    """The code of the notebook's code cells that contain every needle, in order."""
+    nb = json.load(open(NOTEBOOK))
+    return ["".join(c["source"]) for c in nb["cells"]
+            if c["cell_type"] == "code" and all(n in "".join(c["source"]) for n in needles)]
+
+
+def test_notebook_starts_with_a_repository_form_field():
+    nb = json.load(open(NOTEBOOK))
+    first_code = next(c for c in nb["cells"] if c["cell_type"] == "code")
+    src = "".join(first_code["source"])
+    assert '#@param {type:"string"}' in src and src.lstrip().startswith("#@title") and "GUPPY_REPO" in src
+    assert "GUPPY_REPO" in "".join(nb["cells"][0]["source"])   # the instructions beside it say what to paste
+
+
+def test_notebook_outside_a_clone_with_no_url_stops_with_one_line(tmp_path):
+    """Colab, the field left empty: one line saying what to do, before anything is installed."""
+    code = "\n\n".join(_cells("GUPPY_REPO = ") + _cells("def sh(") + _cells("REPO_DIR ="))
+    env = {k: v for k, v in os.environ.items() if k not in ("GUPPY_REPO", "GUPPY_NOTEBOOK_SMOKE")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "GUPPY_REPO is empty: paste your guppy repository's URL into the form at the top "
+        "(e.g. https://github.com/you/guppy), then Runtime -> Run all"]
+
+
+def test_notebook_helpers_stream_output_and_keep_going_after_a_failed_stage(capsys):
+    import time
+    ns = {}
+    exec(_cells("GUPPY_REPO = ")[0] + "\n" + _cells("def sh(")[0], ns)
+    seen = []
+
+    class Clock:  # records when each piece of the command's output reached the notebook
+        def write(self, text):
+            seen.append((time.monotonic(), text))
+
+        def flush(self):
+            pass
+
+    real = sys.stdout
+    sys.stdout = Clock()
+    try:
+        t0 = time.monotonic()
+        # the marker is built at run time, so the echoed command line cannot match it
+        ns["sh"](f"{sys.executable} -c \"import time; print('fi' + 'rst', flush=True); time.sleep(1.5)\"")
+        t_end = time.monotonic()
+    finally:
+        sys.stdout = real
+    first = next(t for t, text in seen if "first" in text and "$ " not in text)
+    assert first - t0 < t_end - t0 - 1.0                      # printed while the command still ran
+
+    with ns["stage"]("breaks"):
+        ns["sh"]("exit 3")
+    with ns["stage"]("still runs"):
+        pass
+    ns["skip"]("needs a GPU", "no GPU")
+    assert ns["STAGES"] == {"breaks": "fail: RuntimeError: `exit 3` exited with 3", "still runs": "pass",
+                            "needs a GPU": "skip: no GPU"}
+    assert ns["summary"]() == ["breaks"]
+    assert "failed: breaks" in capsys.readouterr().out
