@@ -21,7 +21,6 @@ weights-only unpickler, which refuses to run code.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -49,9 +48,8 @@ class DamagedPointer(GuppyError):
 # --------------------------------------------------------------------------------------------------------------------
 # Writing files: fsync'ed, modes from the umask
 # --------------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
 def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back (once per process)
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
     os.umask(mask)
     return mask
 
@@ -219,6 +217,8 @@ def checkpoint_to_resume(run_dir: str, log=print) -> str:
     """The checkpoint folder --resume continues from: the one latest.json names. When latest.json is missing or
     damaged but the run holds checkpoints, the newest complete one, with a note saying so (a checkpoint that no
     pointer names is adopted with its own recorded recipe, never mixed with another's)."""
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise GuppyError(f"{run_dir}: exists and is not a folder; choose another --out")
     if not os.path.isdir(run_dir):
         raise GuppyError(f"{run_dir}: no such run folder; start without --resume")
     latest = os.path.join(run_dir, "latest.json")
@@ -352,12 +352,13 @@ def read_run_record(ckpt: str) -> dict | None:
 def check_weights(model, sd: dict, where: str):
     """Load sd into model, saying which tensor does not fit (missing, unexpected, wrong shape, not finite)."""
     expected = model.state_dict()
-    for k in expected:
-        if k not in sd:
-            raise GuppyError(f"{where}: tensor {k} is missing")
-    for k, v in sd.items():
+    for k in sd:
         if k not in expected:
             raise GuppyError(f"{where}: unexpected tensor {k} (weights of another model?)")
+    for k in expected:  # in the model's order: the first layer that does not fit is the one named
+        if k not in sd:
+            raise GuppyError(f"{where}: tensor {k} is missing")
+        v = sd[k]
         if tuple(v.shape) != tuple(expected[k].shape):
             raise GuppyError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model config needs "
                              f"{tuple(expected[k].shape)}")

@@ -231,7 +231,8 @@ def _prepare_into(tmp, samples, persona_path, seed, eval_fraction, from_jsonl, v
 
     write_jsonl(os.path.join(tmp, "train.jsonl"), train_rows)
     write_jsonl(os.path.join(tmp, "eval.jsonl"), eval_rows)
-    tok.save(os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:  # as tok.save() writes it, but a
+        f.write(tok.to_str(pretty=True))  # full disk is an OSError with its path (tokenizers raises a bare Exception)
     lengths = {}
     for split, rows in (("train", train_rows), ("eval", eval_rows)):
         if not rows:
@@ -278,7 +279,10 @@ def prepare(out_dir: str, samples: int = 60_000, persona_path=None, seed: int = 
 
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".guppy-prepare-", dir=parent)  # first: an unwritable --out fails before the work
+    try:  # first: an unwritable --out fails before the work, not after it
+        tmp = tempfile.mkdtemp(prefix=".guppy-prepare-", dir=parent)
+    except OSError as e:
+        raise GuppyError(f"{parent}: cannot write the dataset here ({e.strerror})") from None
     try:
         meta = _prepare_into(tmp, samples, persona_path, seed, eval_fraction, from_jsonl, vocab_size)
         os.makedirs(out_dir, exist_ok=True)

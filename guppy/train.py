@@ -202,7 +202,7 @@ RESUME_MAY_CHANGE = ("max_steps", "eval_every", "save_every", "log_every", "eval
 def resumed_recipe(run: TrainConfig, asked: TrainConfig) -> TrainConfig:
     """The recipe a resume continues with: the run's own, changed where `asked` differs and the resume rule allows."""
     out = dataclasses.replace(run)
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(run):  # every field, those a newer TrainConfig adds included
         new, old = getattr(asked, f.name), getattr(run, f.name)
         if new == old:
             continue
