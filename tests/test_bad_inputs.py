@@ -422,6 +422,13 @@ def test_metrics_after_a_kill_and_resume_hold_each_step_once(data, tmp_path):
     assert steps == list(range(1, latest + 7))
     evals = [m["step"] for m in map(json.loads, after) if "eval_loss" in m]
     assert evals == sorted(set(range(4, latest + 7, 4)) | {latest + 6})  # every 4 steps, and at max_steps
+    # and the checkpoints the CLI wrote follow the umask it ran under, like any other file (0700/0600 before)
+    umask = os.umask(0)
+    os.umask(umask)
+    ckpt = os.path.join(r, read_pointer(r, "latest")["checkpoint"])
+    assert all(os.stat(p).st_mode & 0o777 == 0o777 & ~umask for p in (r, os.path.dirname(ckpt), ckpt))
+    assert all(os.stat(os.path.join(ckpt, f)).st_mode & 0o777 == 0o666 & ~umask for f in os.listdir(ckpt))
+    assert os.stat(os.path.join(r, "latest.json")).st_mode & 0o777 == 0o666 & ~umask
 
 
 def metrics_lines(run):
