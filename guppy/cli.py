@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -75,7 +76,6 @@ def cmd_chat(a):
 
 
 def cmd_eval(a):
-    import json
     from .chat import evaluate_checkpoint
     from .train import resolve_device
     if a.json:  # before the evaluation, so that its result is not lost to a folder that is not there
