@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import sys
 
 import torch
 
-from .checkpoint import load_model
-from .data import IM_END_ID, IM_START_ID, load_split, eval_batches, load_tokenizer, read_jsonl
+from .checkpoint import load_model, read_run_record
+from .data import (IM_END_ID, IM_START_ID, eval_batches, file_sha256, load_split, load_tokenizer, read_jsonl,
+                   read_meta)
 from .errors import GuppyError
 
 
@@ -78,6 +79,19 @@ def one_cpu_thread(device: torch.device):
         torch.set_num_threads(before)
 
 
+def check_tokenizer(checkpoint: str, tokenizer_path: str, model_vocab: int, tok=None):
+    """The tokenizer is the one the model was trained with: its sha256 equals the one the run recorded (where it
+    recorded one: an original GuppyLM .pt does not), and it has no more tokens than the model's embedding."""
+    recorded = ((read_run_record(checkpoint) or {}).get("data") or {}).get("tokenizer_sha256")
+    if recorded and file_sha256(tokenizer_path) != recorded:
+        raise GuppyError(f"{tokenizer_path}: not the tokenizer {checkpoint} was trained with (its sha256 differs from "
+                         "the one the run recorded); use the run's tokenizer.json")
+    vocab = (tok or load_tokenizer(tokenizer_path)).get_vocab_size()
+    if vocab > model_vocab:
+        raise GuppyError(f"{tokenizer_path}: has {vocab} tokens but the model at {checkpoint} has {model_vocab}; "
+                         "it is not this model's tokenizer")
+
+
 class Chat:
     """Replies from a checkpoint through PyTorch. `guppy.onnx_chat.OnnxChat` is the same with onnxruntime."""
 
@@ -85,7 +99,9 @@ class Chat:
                  top_p=0.9, max_new_tokens=64, seed: int | None = None):
         self.device = torch.device(device)
         self.max_seq_len = self.load(checkpoint)
-        self.tok = load_tokenizer(find_tokenizer(checkpoint, tokenizer))
+        tokenizer = find_tokenizer(checkpoint, tokenizer)
+        self.tok = load_tokenizer(tokenizer)
+        check_tokenizer(self.checkpoint, tokenizer, self.vocab_size, self.tok)
         self.persona = load_persona_card(checkpoint)
         self.temperature, self.top_k, self.top_p, self.max_new_tokens = temperature, top_k, top_p, max_new_tokens
         self.generator = None
@@ -98,6 +114,7 @@ class Chat:
         """Load the model; return its context length."""
         self.model, self.checkpoint = load_model(checkpoint, device=self.device, ops="reference")
         self.model.eval()
+        self.vocab_size = self.model.config.vocab_size
         return self.model.config.max_seq_len
 
     def generate(self, ids: list[int], use_cache: bool = True) -> list[int]:
@@ -130,7 +147,11 @@ class Chat:
             new = new[:new.index(IM_END_ID)]
         return self.tok.decode(new).strip()
 
-    def repl(self, input_fn=input, print_fn=print):
+    def repl(self, input_fn=None, print_fn=print):
+        if input_fn is None:
+            input_fn = input
+            if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 arrives with its bytes kept, to report it
+                sys.stdin.reconfigure(errors="surrogateescape")
         print_fn(f"chatting with {self.persona['name']} (empty line to skip, Ctrl-D or /quit to leave)")
         while True:
             try:
@@ -138,6 +159,12 @@ class Chat:
             except (EOFError, KeyboardInterrupt):
                 print_fn("")
                 return
+            except UnicodeDecodeError:
+                print_fn("(that line is not UTF-8 text; skipped)")
+                continue
+            if any("\udc80" <= ch <= "\udcff" for ch in text):  # undecodable bytes, kept by surrogateescape
+                print_fn("(that line is not UTF-8 text; skipped)")
+                continue
             if text.strip() in ("/quit", "/exit"):
                 return
             if not text.strip():
@@ -155,15 +182,16 @@ def evaluate_checkpoint(checkpoint: str, data_dir: str, device="cpu", batch_size
     from .train import evaluate
 
     chat = Chat(checkpoint, device=device, temperature=0.0, seed=seed)
+    data_tokenizer = os.path.join(data_dir, "tokenizer.json")
+    if os.path.isfile(data_tokenizer):  # the held-out token ids must be this model's
+        check_tokenizer(chat.checkpoint, data_tokenizer, chat.model.config.vocab_size)
     split = load_split(data_dir, "eval")
+    if int(split.tokens.max(initial=0)) >= chat.model.config.vocab_size:
+        raise GuppyError(f"{data_dir}: its token ids go up to {int(split.tokens.max())}, beyond the model's vocab "
+                         f"of {chat.model.config.vocab_size}; it was made with another tokenizer")
+    keywords = read_meta(data_dir).get("category_keywords") or {}
     loss = evaluate(chat.model, eval_batches(split, batch_size, chat.model.config.max_seq_len), chat.device)
     result = {"checkpoint": chat.checkpoint, "eval_loss": loss, "eval_conversations": len(split)}
-
-    meta_path = os.path.join(data_dir, "meta.json")
-    keywords = {}
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            keywords = json.load(f).get("category_keywords", {})
     if not keywords:
         log("note: this dataset has no category keywords (not made from a persona); skipping the keyword score")
         return result

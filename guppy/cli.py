@@ -1,15 +1,31 @@
 """The `guppy` command: prepare, train, chat, eval, export, serve, info, targets, build-ext.
 
-Mistakes a user can fix (a missing folder, a malformed persona, an unknown preset, no CUDA) print one line and exit 2,
-without a traceback. Ctrl-C during training saves a checkpoint first, then exits 130.
+Mistakes a user can make (a missing or unreadable folder, a malformed persona, a bad option value, a full disk, no
+CUDA) print one line, `guppy <command>: error: <path or option>: <cause>`, and exit 2, without a traceback: main() is
+that one boundary. Ctrl-C exits 130 (during training, after saving a checkpoint). Any other exception is a bug and
+keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
+import math
+import os
 import sys
 
-from .errors import GuppyError
+from .errors import GuppyError, one_line, os_error_line
+
+# TrainConfig fields that `guppy train` sets from an option of the same name
+TRAIN_OPTIONS = ("max_steps", "batch_size", "lr", "batch_mode", "loss_on", "eval_every", "save_every", "log_every",
+                 "eval_batches", "seed")
+RESUME_HELP = ("continue the run in --out exactly where it stopped, with its own model, recipe and data. A resume may "
+               "change how far and how often (--max-steps, --stop-at-step, --eval-every, --save-every, --log-every, "
+               "--eval-batches), where and how it runs (--device, --ops, --compile, --quiet), and the peak learning "
+               "rate --lr (the rest of the schedule follows it). It refuses what would change the data order or the "
+               "meaning of the run (--batch-size, --batch-mode, --loss-on, --seed, --decay-all, --preset, and --data "
+               "with another tokenizer or train data) unless the value is the run's own")
 
 
 def cmd_prepare(a):
@@ -19,38 +35,32 @@ def cmd_prepare(a):
 
 
 def cmd_train(a):
-    from .config import preset
-    from .train import saved_train_config, train
-    model_cfg, cfg = preset(a.preset)
-    if a.resume:  # a resumed run keeps its own recipe; only the options given here change it
-        cfg = saved_train_config(a.out)
-    overrides = {k: getattr(a, k) for k in ("max_steps", "batch_size", "lr", "batch_mode", "loss_on", "eval_every",
-                                            "save_every", "log_every", "seed") if getattr(a, k) is not None}
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    if a.decay_all:
-        cfg.decay_all = True
-    if a.compile:
-        cfg.compile = True
+    from .config import DEFAULT_PRESET, preset
+    from .train import run_recipe, train
+    given = {k: getattr(a, k) for k in TRAIN_OPTIONS if getattr(a, k) is not None}
+    given.update({k: True for k in ("decay_all", "compile") if getattr(a, k)})
+    if a.resume:  # the run's own model and recipe; train() applies the resume rule to the options given here
+        model_cfg, cfg = None, run_recipe(a.out)
+    else:
+        model_cfg, cfg = preset(a.preset or DEFAULT_PRESET)
+    cfg = dataclasses.replace(cfg, **given)
     if a.ops:
         from .ops import get_ops
         try:
             get_ops(a.ops)
         except ImportError as e:
             raise GuppyError(f"--ops {a.ops} is not available here: {e}") from None
-    if cfg.batch_mode not in ("pad", "packed"):
-        raise GuppyError(f"--batch-mode must be pad or packed, got {cfg.batch_mode!r}")
-    try:
-        train(a.data, a.out, model_cfg, cfg, device=a.device, resume=a.resume, stop_at_step=a.stop_at_step,
-              progress=not a.quiet, ops=a.ops)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    train(a.data, a.out, model_cfg, cfg, device=a.device, resume=a.resume, stop_at_step=a.stop_at_step,
+          progress=not a.quiet, ops=a.ops, preset=a.preset if a.resume else (a.preset or DEFAULT_PRESET))
 
 
 def cmd_chat(a):
     from .chat import NO_REPLY, Chat
     from .train import resolve_device
     from .onnx_chat import OnnxChat, is_onnx_export
+    for text in a.prompt or ():
+        if not _is_utf8(text):
+            raise GuppyError("--prompt: not UTF-8 text")
     cls, device = Chat, a.device
     if is_onnx_export(a.checkpoint):  # an export folder or .onnx file: onnxruntime, on the CPU
         cls, device = OnnxChat, "cpu"
@@ -73,6 +83,12 @@ def cmd_chat(a):
 def cmd_eval(a):
     from .chat import evaluate_checkpoint
     from .train import resolve_device
+    if a.json:  # before the evaluation, so that its result is not lost to a folder that is not there
+        folder = os.path.dirname(os.path.abspath(a.json))
+        if not os.path.isdir(folder):
+            raise GuppyError(f"--json {a.json}: no folder {folder} to write it in")
+        if not os.access(folder, os.W_OK):
+            raise GuppyError(f"--json {a.json}: cannot write in {folder} (permission denied or read-only)")
     r = evaluate_checkpoint(a.checkpoint, a.data, device=resolve_device(a.device))
     print(f"held-out loss: {r['eval_loss']:.4f} over {r['eval_conversations']} conversations")
     if "keyword_hit_rate" in r:
@@ -125,42 +141,89 @@ def cmd_build_ext(a):
         raise GuppyError(f"could not build the {a.device} extension: {lines[-1] if lines else e}{hint}") from None
 
 
-def build_parser():
+# --------------------------------------------------------------------------------------------------------------------
+# Option values: checked by the parser, so that a bad one ends there in one line
+# --------------------------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line (argparse prints its usage block first; --help still shows it)
+        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False, what=""):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        bad = (kind is float and not math.isfinite(v)) or (lo is not None and (v <= lo if lo_open else v < lo)) \
+            or (hi is not None and (v >= hi if hi_open else v > hi))
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return v
+    return parse
+
+
+positive_int = _number(int, lo=1, what="a positive integer")
+non_negative_int = _number(int, lo=0, what="an integer >= 0")
+positive_float = _number(float, lo=0, lo_open=True, what="a finite number > 0")
+non_negative_float = _number(float, lo=0, what="a finite number >= 0")
+probability = _number(float, lo=0, hi=1, what="a number in [0, 1]")
+fraction = _number(float, lo=0, hi=1, hi_open=True, what="a number in [0, 1)")
+
+
+def preset_name(text: str) -> str:
     from .config import PRESETS
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {text!r}; choose one of: {', '.join(PRESETS)}")
+    return text
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text that came from bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def build_parser():
+    from .config import DEFAULT_PRESET, PRESETS
     from .ops import IMPLEMENTATIONS
-    p = argparse.ArgumentParser(prog="guppy", description="A tiny fish-persona language model, and its kernels.")
+    p = _Parser(prog="guppy", description="A tiny fish-persona language model, and its kernels.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("prepare", help="generate (or import) the dataset, train the tokenizer, write token arrays")
     s.add_argument("--out", required=True, help="data folder to write")
-    s.add_argument("--samples", type=int, default=60_000)
+    s.add_argument("--samples", type=positive_int, default=60_000)
     s.add_argument("--persona", help="persona TOML file (default: the shipped fish)")
-    s.add_argument("--seed", type=int, default=1337)
-    s.add_argument("--eval-fraction", type=float, default=0.05)
+    s.add_argument("--seed", type=non_negative_int, default=1337)
+    s.add_argument("--eval-fraction", type=fraction, default=0.05)
     s.add_argument("--from-jsonl", help="use an existing {input, output, category} .jsonl dataset instead")
-    s.add_argument("--vocab-size", type=int, default=4096)
+    s.add_argument("--vocab-size", type=positive_int, default=4096)
     s.add_argument("--force", action="store_true", help="replace a dataset already in --out")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", help="train a model on a prepared data folder")
     s.add_argument("--data", required=True)
     s.add_argument("--out", required=True, help="run folder for checkpoints and metrics.jsonl")
-    s.add_argument("--preset", default="guppy-9m", help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--preset", type=preset_name,
+                   help=f"one of: {', '.join(PRESETS)} (default {DEFAULT_PRESET}; with --resume, the run's own)")
     s.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    s.add_argument("--resume", action="store_true",
-                   help="continue the run in --out exactly where it stopped, with its own settings (options given "
-                        "here, e.g. --max-steps, override them)")
-    s.add_argument("--max-steps", type=int)
-    s.add_argument("--stop-at-step", type=int, help="save and stop at this step, keeping the max-steps schedule")
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--lr", type=float)
+    s.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    s.add_argument("--max-steps", type=positive_int)
+    s.add_argument("--stop-at-step", type=positive_int, help="save and stop at this step, keeping the max-steps schedule")
+    s.add_argument("--batch-size", type=positive_int)
+    s.add_argument("--lr", type=positive_float, help="peak learning rate")
     s.add_argument("--batch-mode", choices=["pad", "packed"])
     s.add_argument("--loss-on", choices=["all", "assistant"])
     s.add_argument("--ops", choices=list(IMPLEMENTATIONS), help="op implementations (guppy info says what each is)")
-    s.add_argument("--eval-every", type=int)
-    s.add_argument("--save-every", type=int)
-    s.add_argument("--log-every", type=int)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--eval-every", type=positive_int)
+    s.add_argument("--eval-batches", type=non_negative_int, help="held-out batches per eval (0: all of them)")
+    s.add_argument("--save-every", type=positive_int)
+    s.add_argument("--log-every", type=positive_int)
+    s.add_argument("--seed", type=non_negative_int)
     s.add_argument("--decay-all", action="store_true", help="GuppyLM's weight decay on every parameter")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -172,11 +235,11 @@ def build_parser():
     s.add_argument("--prompt", action="append", help="answer this and exit (repeatable)")
     s.add_argument("--tokenizer", help="tokenizer.json (default: found beside the checkpoint)")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--temperature", type=float, default=0.7)
-    s.add_argument("--top-k", type=int, default=50)
-    s.add_argument("--top-p", type=float, default=0.9)
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--temperature", type=non_negative_float, default=0.7, help="0: greedy")
+    s.add_argument("--top-k", type=non_negative_int, default=50, help="0: off")
+    s.add_argument("--top-p", type=probability, default=0.9, help="0 or 1: off")
+    s.add_argument("--max-new-tokens", type=positive_int, default=64)
+    s.add_argument("--seed", type=non_negative_int)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("eval", help="held-out loss and keyword hit rate of a checkpoint")
@@ -217,21 +280,33 @@ def build_parser():
     return p
 
 
+def _quiet_torch_cuda_probe():
+    """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when it is imported on a machine
+    with nvcc and no GPU. guppy says what that means in its own words (build-ext's one-line error, `guppy info`), so
+    that record is dropped rather than printed above them."""
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: "No CUDA runtime is found" not in record.getMessage())
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["targets"]:  # its options belong to guppy.targets, which parses them itself
-        from . import targets
-        sys.exit(targets.main(argv[1:]))
-    args = build_parser().parse_args(argv)
+    _quiet_torch_cuda_probe()
+    command = "guppy"
     try:
+        if argv[:1] == ["targets"]:  # its options belong to guppy.targets, which parses them itself
+            from . import targets
+            sys.exit(targets.main(argv[1:]))
+        args = build_parser().parse_args(argv)
+        command = f"guppy {args.command}"
         args.func(args)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        sys.exit(130)
     except GuppyError as e:
-        print(f"guppy {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    except ValueError as e:  # PersonaError and config errors are ValueErrors with one-line messages
-        if type(e).__name__ != "PersonaError" and "unknown preset" not in str(e):
-            raise
-        print(f"guppy {args.command}: error: {e}", file=sys.stderr)
+    except OSError as e:  # a path the user gave: missing, unreadable, unwritable, a full or read-only disk
+        print(f"{command}: error: {one_line(os_error_line(e))}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -6,7 +6,10 @@ Presets are plain dicts of overrides so that a reader sees in one place what eac
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+from .errors import ConfigError
 
 
 @dataclass
@@ -24,8 +27,10 @@ class ModelConfig:
     ops: str = "reference"
 
     def __post_init__(self):
+        _check(self, positive_ints=("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "ffn_hidden"),
+               positive=("layer_norm_eps",), fractions=("dropout",), strings=("ops",))
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
     @property
     def head_dim(self) -> int:
@@ -36,6 +41,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        _check_is_object(d)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -62,6 +68,15 @@ class TrainConfig:
     fused_adamw: bool = False        # torch's fused AdamW kernel (CUDA only)
     cuda_graphs: bool = False        # capture the whole training step (packed mode, CUDA only)
 
+    def __post_init__(self):
+        _check(self, positive_ints=("batch_size", "max_steps", "eval_every", "log_every", "save_every"),
+               non_negative_ints=("warmup_steps", "eval_batches", "seed"), positive=("lr", "grad_clip"),
+               non_negative=("min_lr", "weight_decay"), bools=("decay_all", "compile", "fused_adamw", "cuda_graphs"),
+               choices={"batch_mode": ("pad", "packed"), "loss_on": ("all", "assistant")})
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
+                and all(_is_number(b) and 0 <= b < 1 for b in self.betas)):
+            raise ConfigError(f"betas={self.betas!r}: must be two numbers in [0, 1)")
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
@@ -69,11 +84,47 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        _check_is_object(d)
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        if "betas" in d:
+        if isinstance(d.get("betas"), list):
             d["betas"] = tuple(d["betas"])
         return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation: a config read from a file (or built from options) holds values the model and the loop can use.
+# Each message names the field and what it must be; the caller adds the file or the option.
+# --------------------------------------------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(cfg, positive_ints=(), non_negative_ints=(), positive=(), non_negative=(), fractions=(), strings=(),
+           bools=(), choices=None):
+    rules = [(positive_ints, lambda v: _is_int(v) and v > 0, "a positive integer"),
+             (non_negative_ints, lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+             (positive, lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+             (non_negative, lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+             (fractions, lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+             (strings, lambda v: isinstance(v, str), "a string"),
+             (bools, lambda v: isinstance(v, bool), "true or false")]
+    for names, ok, what in rules:
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise ConfigError(f"{name}={getattr(cfg, name)!r}: must be {what}")
+    for name, allowed in (choices or {}).items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name}={getattr(cfg, name)!r}: must be one of {', '.join(allowed)}")
+
+
+def _check_is_object(d):
+    if not isinstance(d, dict):
+        raise ConfigError(f"expected a JSON object of config fields, got a {type(d).__name__}")
 
 
 # name -> (model overrides, train overrides)
@@ -104,8 +155,11 @@ PRESETS: dict[str, tuple[dict, dict]] = {
 }
 
 
+DEFAULT_PRESET = "guppy-9m"
+
+
 def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     model_over, train_over = PRESETS[name]
     return ModelConfig(**model_over), TrainConfig(**train_over)

@@ -18,6 +18,7 @@ to predict each next token. Batches come in two modes:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,13 +29,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import GuppyError
+from .errors import GuppyError, one_line
 
 PAD, IM_START, IM_END = "<pad>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END]
 PAD_ID, IM_START_ID, IM_END_ID = 0, 1, 2
 IGNORE = -100  # target id that carries no loss (F.cross_entropy's default ignore_index)
 DATA_FILES = ("train.jsonl", "eval.jsonl", "tokenizer.json", "meta.json")
+ARRAY_FILES = tuple(f"{split}.{kind}.npy" for split in ("train", "eval") for kind in ("tokens", "offsets", "prompt_len"))
+# A model sees max_seq_len tokens (128 for guppy-9m: a few hundred characters), so a longer conversation is cut in
+# training anyway. The bound keeps one pasted blob from stalling prepare: BPE training is quadratic in the length of
+# a word, and a 5 MB one-word line had not finished after 150 s.
+MAX_CONVERSATION_CHARS = 10_000
 
 
 def prompt_text(user: str) -> str:
@@ -52,23 +58,32 @@ def reply_text(assistant: str) -> str:
 def read_jsonl(path: str) -> list[dict]:
     rows = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GuppyError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("input"), str) \
-                        or not isinstance(row.get("output"), str):
-                    raise GuppyError(f"{path}: line {n}: expected an object with string fields \"input\" and \"output\"")
-                rows.append({"input": row["input"], "output": row["output"],
-                             "category": str(row.get("category", "unknown"))})
-    except FileNotFoundError:
-        raise GuppyError(f"{path}: no such file") from None
+        f = open(path, "rb")  # bytes, decoded line by line, so that a bad line is reported with its number
     except IsADirectoryError:
         raise GuppyError(f"{path}: is a folder, expected a .jsonl file") from None
+    except FileNotFoundError:
+        raise GuppyError(f"{path}: no such file") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise GuppyError(f"{path}: line {n}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GuppyError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("input"), str) \
+                    or not isinstance(row.get("output"), str):
+                raise GuppyError(f"{path}: line {n}: expected an object with string fields \"input\" and \"output\"")
+            length = len(row["input"]) + len(row["output"])
+            if length > MAX_CONVERSATION_CHARS:
+                raise GuppyError(f"{path}: line {n}: a conversation of {length:,} characters; the limit is "
+                                 f"{MAX_CONVERSATION_CHARS:,} (a model sees a few hundred)")
+            rows.append({"input": row["input"], "output": row["output"],
+                         "category": str(row.get("category", "unknown"))})
     if not rows:
         raise GuppyError(f"{path}: no conversations in it")
     return rows
@@ -101,7 +116,12 @@ def load_tokenizer(path: str):
 
     if not os.path.isfile(path):
         raise GuppyError(f"{path}: no tokenizer there (run `guppy prepare` first)")
-    tok = Tokenizer.from_file(path)
+    with open(path, "rb"):  # an unreadable file is an OSError with its cause, not "not a tokenizer"
+        pass
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise GuppyError(f"{path}: not a tokenizer file ({one_line(e)[:200]})") from None
     for i, name in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(name) != i:
             raise GuppyError(f"{path}: special token {name} must have id {i}, has {tok.token_to_id(name)}")
@@ -120,6 +140,42 @@ def encode_conversations(tok, rows: list[dict]):
     tokens = np.fromiter((t for x in ids for t in x), dtype=np.uint16, count=int(offsets[-1]))
     prompt_len = np.fromiter((len(p.ids) for p in prompts), dtype=np.int32, count=len(ids))
     return tokens, offsets, prompt_len
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What a run records about its data
+# --------------------------------------------------------------------------------------------------------------------
+def file_sha256(*paths) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(data_dir: str) -> dict:
+    """sha256 of the folder's tokenizer.json and of its train token arrays. A run records it; --resume, chat and eval
+    check it, so that a model never meets token ids from another tokenizer, nor a resume another dataset."""
+    tok = os.path.join(data_dir, "tokenizer.json")
+    return {"tokenizer_sha256": file_sha256(tok) if os.path.isfile(tok) else None,
+            "train_sha256": file_sha256(*(os.path.join(data_dir, f) for f in ARRAY_FILES[:3]))}
+
+
+def read_meta(data_dir: str) -> dict:
+    """meta.json of a data folder ({} when it has none)."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GuppyError(f"{path}: damaged, not valid JSON ({one_line(e)}); run `guppy prepare --force` again") from None
+    if not isinstance(meta, dict):
+        raise GuppyError(f"{path}: damaged, expected a JSON object; run `guppy prepare --force` again")
+    return meta
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -146,22 +202,9 @@ def unique_reply_fraction(rows: list[dict]) -> float:
     return len({r["output"] for r in rows}) / max(1, len(rows))
 
 
-def prepare(out_dir: str, samples: int = 60_000, persona_path=None, seed: int = 1337, eval_fraction: float = 0.05,
-            from_jsonl: str | None = None, vocab_size: int = 4096, force: bool = False, log=print) -> dict:
-    """Write the dataset, tokenizer and token arrays into out_dir. Returns meta.json's contents.
-
-    Everything is written into a temporary folder beside out_dir and moved into place at the end, so a failure
-    leaves an existing dataset untouched; an existing dataset is only replaced with force=True.
-    """
+def _prepare_into(tmp, samples, persona_path, seed, eval_fraction, from_jsonl, vocab_size) -> dict:
+    """Generate (or read), split, train the tokenizer and write every file of a dataset into the folder tmp."""
     from . import persona as persona_lib
-
-    if not 0.0 <= eval_fraction < 1.0:
-        raise GuppyError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
-    if samples < 2 and from_jsonl is None:
-        raise GuppyError(f"--samples must be at least 2, got {samples}")
-    existing = [f for f in DATA_FILES if os.path.exists(os.path.join(out_dir, f))]
-    if existing and not force:
-        raise GuppyError(f"{out_dir}: already holds a dataset ({', '.join(existing)}); pass --force to replace it")
 
     t0 = time.time()
     keywords = {}
@@ -169,55 +212,89 @@ def prepare(out_dir: str, samples: int = 60_000, persona_path=None, seed: int = 
         rows = read_jsonl(from_jsonl)
         train_rows, eval_rows = split_jsonl(rows, eval_fraction, seed)
         source = {"from_jsonl": os.path.abspath(from_jsonl)}
+        if not train_rows:
+            raise GuppyError(f"{from_jsonl}: the held-out split took all {len(eval_rows)} distinct (input, output) "
+                             f"pairs (--eval-fraction {eval_fraction}), leaving none to train on; add conversations "
+                             "or lower --eval-fraction")
     else:
         persona = persona_lib.load_persona(persona_path)
         train_rows, eval_rows, stats = persona_lib.generate_dataset(persona, samples, seed, eval_fraction)
         keywords = {t.name: list(t.keywords) for t in persona.topics}
         source = {"persona": persona.name, "persona_path": str(persona.path), "generator": stats}
-    if not train_rows:
-        raise GuppyError("the dataset has no training conversations")
+        if not train_rows:
+            raise GuppyError(f"--samples {samples}: no training conversations left after the held-out split took "
+                             f"{len(eval_rows)} (--eval-fraction {eval_fraction}; a persona with few distinct "
+                             "conversations can be used up by it); raise --samples or lower --eval-fraction")
     t_gen = time.time() - t0
 
     tok = train_tokenizer((prompt_text(r["input"]) + reply_text(r["output"]) for r in train_rows), vocab_size)
     t_tok = time.time() - t0 - t_gen
 
+    write_jsonl(os.path.join(tmp, "train.jsonl"), train_rows)
+    write_jsonl(os.path.join(tmp, "eval.jsonl"), eval_rows)
+    with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:  # as tok.save() writes it, but a
+        f.write(tok.to_str(pretty=True))  # full disk is an OSError with its path (tokenizers raises a bare Exception)
+    if not from_jsonl:  # who the model is, for chat, the export and the browser page (guppy/persona.py)
+        with open(os.path.join(tmp, persona_lib.CARD_FILE), "w", encoding="utf-8") as f:
+            json.dump(persona_lib.persona_card(persona), f, indent=2, ensure_ascii=False)
+    lengths = {}
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        if not rows:
+            continue
+        tokens, offsets, prompt_len = encode_conversations(tok, rows)
+        np.save(os.path.join(tmp, f"{split}.tokens.npy"), tokens)
+        np.save(os.path.join(tmp, f"{split}.offsets.npy"), offsets)
+        np.save(os.path.join(tmp, f"{split}.prompt_len.npy"), prompt_len)
+        lengths[split] = np.diff(offsets)
+    tl = lengths["train"]
+    train_pairs = {(r["input"], r["output"]) for r in train_rows}
+    meta = {
+        "n_train": len(train_rows), "n_eval": len(eval_rows), "seed": seed, "eval_fraction": eval_fraction,
+        "vocab_size": tok.get_vocab_size(), "special_tokens": SPECIAL_TOKENS,
+        "unique_reply_fraction": round(unique_reply_fraction(train_rows + eval_rows), 4),
+        "eval_pairs_in_train": sum((r["input"], r["output"]) in train_pairs for r in eval_rows),
+        "tokens_per_conversation": {"mean": round(float(tl.mean()), 2), "median": float(np.median(tl)),
+                                    "p95": float(np.percentile(tl, 95)), "max": int(tl.max())},
+        "category_keywords": keywords, "source": source,
+        "seconds": {"generate": round(t_gen, 2), "tokenizer": round(t_tok, 2), "total": round(time.time() - t0, 2)},
+    }
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+def prepare(out_dir: str, samples: int = 60_000, persona_path=None, seed: int = 1337, eval_fraction: float = 0.05,
+            from_jsonl: str | None = None, vocab_size: int = 4096, force: bool = False, log=print) -> dict:
+    """Write the dataset, tokenizer and token arrays into out_dir. Returns meta.json's contents.
+
+    Everything is written into a temporary folder beside out_dir and moved into place at the end, so a failure
+    leaves an existing dataset untouched; an existing dataset is only replaced with force=True.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise GuppyError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
+    if samples < 2 and from_jsonl is None:
+        raise GuppyError(f"--samples must be at least 2, got {samples}")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise GuppyError(f"{out_dir}: exists and is not a folder; choose another --out")
+    present = os.listdir(out_dir) if os.path.isdir(out_dir) else []  # unreadable: PermissionError, said as such
+    existing = [f for f in DATA_FILES if f in present]
+    if existing and not force:
+        raise GuppyError(f"{out_dir}: already holds a dataset ({', '.join(existing)}); pass --force to replace it")
+
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".guppy-prepare-", dir=parent)
+    try:  # first: an unwritable --out fails before the work, not after it
+        tmp = tempfile.mkdtemp(prefix=".guppy-prepare-", dir=parent)
+    except OSError as e:
+        raise GuppyError(f"{parent}: cannot write the dataset here ({e.strerror})") from None
     try:
-        write_jsonl(os.path.join(tmp, "train.jsonl"), train_rows)
-        write_jsonl(os.path.join(tmp, "eval.jsonl"), eval_rows)
-        tok.save(os.path.join(tmp, "tokenizer.json"))
-        if not from_jsonl:  # who the model is, for chat, the export and the browser page (guppy/persona.py)
-            with open(os.path.join(tmp, persona_lib.CARD_FILE), "w", encoding="utf-8") as f:
-                json.dump(persona_lib.persona_card(persona), f, indent=2, ensure_ascii=False)
-        lengths = {}
-        for split, rows in (("train", train_rows), ("eval", eval_rows)):
-            if not rows:
-                continue
-            tokens, offsets, prompt_len = encode_conversations(tok, rows)
-            np.save(os.path.join(tmp, f"{split}.tokens.npy"), tokens)
-            np.save(os.path.join(tmp, f"{split}.offsets.npy"), offsets)
-            np.save(os.path.join(tmp, f"{split}.prompt_len.npy"), prompt_len)
-            lengths[split] = np.diff(offsets)
-        tl = lengths["train"]
-        train_pairs = {(r["input"], r["output"]) for r in train_rows}
-        meta = {
-            "n_train": len(train_rows), "n_eval": len(eval_rows), "seed": seed, "eval_fraction": eval_fraction,
-            "vocab_size": tok.get_vocab_size(), "special_tokens": SPECIAL_TOKENS,
-            "unique_reply_fraction": round(unique_reply_fraction(train_rows + eval_rows), 4),
-            "eval_pairs_in_train": sum((r["input"], r["output"]) in train_pairs for r in eval_rows),
-            "tokens_per_conversation": {"mean": round(float(tl.mean()), 2), "median": float(np.median(tl)),
-                                        "p95": float(np.percentile(tl, 95)), "max": int(tl.max())},
-            "category_keywords": keywords, "source": source,
-            "seconds": {"generate": round(t_gen, 2), "tokenizer": round(t_tok, 2),
-                        "total": round(time.time() - t0, 2)},
-        }
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+        meta = _prepare_into(tmp, samples, persona_path, seed, eval_fraction, from_jsonl, vocab_size)
         os.makedirs(out_dir, exist_ok=True)
-        for name in os.listdir(tmp):
+        written = os.listdir(tmp)
+        for name in written:
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        for name in set(DATA_FILES + ARRAY_FILES + ("persona.json",)) & (set(present) - set(written)):
+            os.remove(os.path.join(out_dir, name))  # what the new dataset lacks: eval arrays, a persona card
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"prepared {meta['n_train']:,} train + {meta['n_eval']:,} eval conversations in {out_dir} "
@@ -247,14 +324,18 @@ class Split:
 def load_split(data_dir: str, split: str) -> Split:
     if not os.path.isdir(data_dir):
         raise GuppyError(f"{data_dir}: no such data folder (run `guppy prepare --out {data_dir}` first)")
+    present = os.listdir(data_dir)  # a folder we may not read says so (PermissionError), rather than "missing"
     paths = [os.path.join(data_dir, f"{split}.{kind}.npy") for kind in ("tokens", "offsets", "prompt_len")]
-    missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+    missing = [os.path.basename(p) for p in paths if os.path.basename(p) not in present]
     if missing:
         raise GuppyError(f"{data_dir}: missing {', '.join(missing)} (run `guppy prepare --out {data_dir}`)")
+    for p in paths:
+        with open(p, "rb"):  # an unreadable file is an OSError with its cause
+            pass
     try:
         tokens, offsets, prompt_len = (np.load(p, allow_pickle=False) for p in paths)
-    except Exception as e:
-        raise GuppyError(f"{data_dir}: cannot read the {split} token arrays ({e})") from None
+    except Exception as e:  # numpy's errors for a damaged .npy are of many types; none is a bug of ours
+        raise GuppyError(f"{data_dir}: cannot read the {split} token arrays ({one_line(e)})") from None
     if len(offsets) < 2 or offsets[-1] != len(tokens) or len(prompt_len) != len(offsets) - 1:
         raise GuppyError(f"{data_dir}: the {split} token arrays are empty or inconsistent; run `guppy prepare` again")
     return Split(tokens, offsets, prompt_len)

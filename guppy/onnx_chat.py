@@ -28,6 +28,7 @@ class OnnxChat(Chat):
         path = checkpoint if checkpoint.endswith(".onnx") else os.path.join(checkpoint, "model.onnx")
         self.session, self.checkpoint = session(path), path
         self.config = model_config(self.session)
+        self.vocab_size = self.config.vocab_size
         return self.config.max_seq_len
 
     def generate(self, ids: list[int], use_cache: bool = True) -> list[int]:

@@ -63,6 +63,7 @@ class Implementation(NamedTuple):
     build: Callable[[], Ops]
     what: str       # one line: what runs (the README's kernel table has the same line)
     needs: str      # what it needs to run
+    triton: bool = False   # runs Triton kernels on whatever tensors it gets (on a CPU, only under TRITON_INTERPRET=1)
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
@@ -72,13 +73,14 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         lambda: SDPA, "reference, with attention by torch's scaled_dot_product_attention", "torch"),
     "triton": Implementation(
         _triton_ops, "Triton LayerNorm (+ residual), FlashAttention-2, and the LM head fused with cross-entropy",
-        "triton and a CUDA GPU (on a CPU only under TRITON_INTERPRET=1, slowly)"),
+        "triton and a CUDA GPU (on a CPU only under TRITON_INTERPRET=1, slowly)", triton=True),
     "gemm-softmax": Implementation(
         _gemm_softmax_ops, "as triton, with attention as cuBLAS GEMMs around a Triton masked softmax",
-        "triton and a CUDA GPU (on a CPU only under TRITON_INTERPRET=1, slowly)"),
+        "triton and a CUDA GPU (on a CPU only under TRITON_INTERPRET=1, slowly)", triton=True),
     "csrc": Implementation(
         _csrc_ops, "as triton, with attention by the CUDA C++ mma.sync kernel (csrc/attention.cu, fp16)",
-        "as triton, and nvcc to build the kernel at first use (guppy build-ext); CPU tensors run its host emulation"),
+        "as triton, and nvcc to build the kernel at first use (guppy build-ext); CPU tensors run its host emulation",
+        triton=True),
     "auto": Implementation(
         lambda: _auto_ops(), "the kernels on CUDA tensors, attention chosen by guppy.ops.choose_attention; "
         "the reference on CPU tensors", "torch (kernels where they can run)"),

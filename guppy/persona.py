@@ -51,6 +51,8 @@ import tomllib
 from bisect import bisect
 from dataclasses import dataclass, field
 
+from .errors import GuppyError
+
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # One token of a template: an escaped brace, a {placeholder} (contents checked after), or a brace with no partner.
 _TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
@@ -59,7 +61,7 @@ _PERSONA_KEYS = {"name", "description", "lowercase"}
 _TOPIC_KEYS = {"name", "weight", "keywords", "inputs", "outputs", "slots"}
 
 
-class PersonaError(ValueError):
+class PersonaError(GuppyError, ValueError):
     """A persona file that cannot be used. str() is one line: "<file path>: <problem>"."""
 
     def __init__(self, path, problem: str):
@@ -434,15 +436,28 @@ def read_card(path: str) -> dict:
             "lowercase": card.get("lowercase", False), "sample_prompts": prompts}
 
 
-if __name__ == "__main__":
-    # python -m guppy.persona [file.toml]: validate a persona and show what it generates.
+def main(argv=None):
+    """python -m guppy.persona [file.toml]: validate a persona and show what it generates. A persona with a mistake
+    prints one line naming the file and the problem, and exits 2."""
     import sys
     import time
 
-    persona = load_persona(sys.argv[1] if len(sys.argv) > 1 else None)
-    t0 = time.time()
-    train, _, stats = generate_dataset(persona, 60_000)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        persona = load_persona(argv[0] if argv else None)
+        t0 = time.time()
+        train, _, stats = generate_dataset(persona, 60_000)
+    except PersonaError as e:
+        print(f"python -m guppy.persona: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("python -m guppy.persona: interrupted", file=sys.stderr)
+        sys.exit(130)
     print(f"{persona.path}: {len(persona.topics)} topics, 60,000 samples in {time.time() - t0:.2f}s")
     print(stats)
     for s in train[:8]:
         print(f"[{s['category']}] {s['input']!r} -> {s['output']!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ Host syncs are kept off the hot path: the loss is accumulated on the device and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -13,15 +14,18 @@ import shutil
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_lib
 from .config import ModelConfig, TrainConfig
-from .data import Batcher, eval_batches, load_split
+from .data import Batcher, Split, eval_batches, fingerprint, load_split, load_tokenizer
 from .errors import GuppyError
 from .model import GuppyLM
+from .ops import IMPLEMENTATIONS
+from .runlock import RunLock
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -202,6 +206,171 @@ def ddp_max_param_difference(model) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Starting a run: fresh, or resumed under the resume rule
+# --------------------------------------------------------------------------------------------------------------------
+# The resume rule: a resume continues the same recipe. It may change how far and how often (max_steps, stop_at_step,
+# eval_every, save_every, log_every, eval_batches), where and how it runs (device, ops, compile, the progress bar),
+# and the peak learning rate (lr: the rest of the cosine schedule follows the new peak; min_lr stays). Every other
+# TrainConfig field, fields added later included, is the run's own, and so are its model, preset and data: a
+# different value would change the data order or the meaning of the run, and is refused with one line. A value equal
+# to the run's own is fine. (README "Training" and `guppy train --help` say the same.)
+RESUME_MAY_CHANGE = ("max_steps", "eval_every", "save_every", "log_every", "eval_batches", "compile", "lr")
+
+
+def resumed_recipe(run: TrainConfig, asked: TrainConfig) -> TrainConfig:
+    """The recipe a resume continues with: the run's own, changed where `asked` differs and the resume rule allows."""
+    out = dataclasses.replace(run)
+    for f in dataclasses.fields(run):  # every field, those a newer TrainConfig adds included
+        new, old = getattr(asked, f.name), getattr(run, f.name)
+        if new == old:
+            continue
+        if f.name not in RESUME_MAY_CHANGE:
+            option = f"--{f.name.replace('_', '-')}" + ("" if isinstance(new, bool) else f" {new}")
+            raise GuppyError(f"{option}: a resume continues the run's recipe, whose {f.name} is {old}; leave the "
+                             "option out, or start a new run in another --out")
+        setattr(out, f.name, new)
+    return out
+
+
+def run_recipe(out_dir: str) -> TrainConfig:
+    """The recipe of the run in out_dir, as --resume would continue it before any option changes it."""
+    ckpt_dir = ckpt_lib.checkpoint_to_resume(out_dir, log=lambda *_: None)
+    return ckpt_lib.read_train_config(ckpt_dir)
+
+
+@dataclass
+class TrainData:
+    """A prepared data folder, as training reads it."""
+    path: str
+    train: Split
+    eval: Split | None
+    fingerprint: dict         # guppy.data.fingerprint: sha256 of tokenizer.json and of the train arrays
+    vocab_size: int           # what the model's embedding must hold: the tokenizer's size, or the largest id + 1
+
+
+def load_train_data(data_dir: str) -> TrainData:
+    train_split = load_split(data_dir, "train")
+    eval_split = load_split(data_dir, "eval") if os.path.isfile(os.path.join(data_dir, "eval.offsets.npy")) else None
+    vocab = 1 + max(int(s.tokens.max(initial=0)) for s in (train_split, eval_split) if s is not None)
+    tok_path = os.path.join(data_dir, "tokenizer.json")
+    if os.path.isfile(tok_path):
+        vocab = max(vocab, load_tokenizer(tok_path).get_vocab_size())
+    return TrainData(data_dir, train_split, eval_split, fingerprint(data_dir), vocab)
+
+
+@dataclass
+class Run:
+    """A run ready for its loop, fresh or resumed: the model and everything a checkpoint restores, on the device."""
+    model: GuppyLM
+    cfg: TrainConfig
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batcher: Batcher
+    amp_dtype: torch.dtype | None
+    graphs: bool                 # the step is one CUDA graph
+    record: dict                 # what each checkpoint records about the run: its preset and data fingerprint
+    step: int = 0
+    best_eval: float = math.inf
+    seen: dict = field(default_factory=lambda: {"conversations": 0, "tokens": 0})  # data seen, all ranks
+
+
+def start_run(data: TrainData, out_dir: str, model_cfg: ModelConfig | None, cfg: TrainConfig | None, dev,
+              resume: bool = False, ops: str | None = None, preset: str | None = None, rank: int = 0,
+              world: int = 1, log=print) -> Run:
+    """Build the run to train: a fresh one (refused where out_dir already holds a run), or the run in out_dir
+    resumed from its checkpoint under the resume rule (model_cfg/cfg None: the run's own). Writes nothing."""
+    state, ckpt_dir = None, None
+    if resume:
+        ckpt_dir = ckpt_lib.checkpoint_to_resume(out_dir, log)
+        state, _ = ckpt_lib.load_training_state(ckpt_dir)
+        recorded = state.get("run") if isinstance(state.get("run"), dict) else {}
+        _check_same_data(recorded.get("data"), data)
+        if preset is not None and preset != recorded.get("preset"):
+            was = f"--preset {recorded['preset']}" if recorded.get("preset") else "no recorded preset"
+            raise GuppyError(f"--preset {preset}: a resume continues the run's recipe, which has {was}; leave "
+                             "--preset out, or start a new run in another --out")
+        run_model_cfg = ckpt_lib.read_model_config(os.path.join(ckpt_dir, "config.json"))
+        if model_cfg is not None:
+            _check_same_model(run_model_cfg, model_cfg)
+        model_cfg, preset = run_model_cfg, recorded.get("preset")
+        run_cfg = ckpt_lib.read_train_config(ckpt_dir)
+        cfg = resumed_recipe(run_cfg, cfg if cfg is not None else run_cfg)
+    else:
+        found = ckpt_lib.run_contents(out_dir)
+        if found:
+            raise GuppyError(f"{out_dir}: already holds a training run ({', '.join(found[:3])}); pass --resume to "
+                             "continue it, or choose another --out")
+    model_cfg = dataclasses.replace(model_cfg, ops=ops or model_cfg.ops)
+    if IMPLEMENTATIONS[model_cfg.ops].triton and dev.type == "cpu" \
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise GuppyError(f"--ops {model_cfg.ops} runs Triton kernels, which need a CUDA GPU (or TRITON_INTERPRET=1 "
+                         "to interpret them on the CPU, slowly); use --ops auto or reference here")
+    if data.vocab_size > model_cfg.vocab_size:
+        raise GuppyError(f"{data.path}: its tokenizer has {data.vocab_size} tokens but the model's vocab_size is "
+                         f"{model_cfg.vocab_size}")
+
+    if state is not None:
+        model, _ = ckpt_lib.load_model(ckpt_dir, ops=model_cfg.ops)
+    else:
+        torch.manual_seed(cfg.seed + rank)
+        model = GuppyLM(model_cfg)
+    model.to(dev)
+    amp_dtype = autocast_dtype(dev)
+    graphs = uses_cuda_graphs(cfg, dev, world)
+    run = Run(model, cfg, make_optimizer(model, cfg, dev, cuda_graphs=graphs),
+              torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+              Batcher(data.train, cfg.batch_size, model_cfg.max_seq_len, cfg.batch_mode,
+                      assistant_only=cfg.loss_on == "assistant", seed=cfg.seed, rank=rank, world_size=world),
+              amp_dtype, graphs, record={"preset": preset, "data": data.fingerprint})
+    if state is not None:
+        _restore(run, state, dev)
+    return run
+
+
+def _check_same_data(recorded: dict | None, data: TrainData):
+    """A resume trains on the run's own data: the same tokenizer (token ids mean the same) and train arrays."""
+    for key, what in (("tokenizer_sha256", "another tokenizer"), ("train_sha256", "other train data")):
+        if recorded and recorded.get(key) and recorded[key] != data.fingerprint.get(key):
+            raise GuppyError(f"--data {data.path}: {what} than the run's ({key} {str(data.fingerprint.get(key))[:12]}, "
+                             f"the run recorded {recorded[key][:12]}); resume with the run's own data, or start a new "
+                             "run in another --out")
+
+
+def _check_same_model(run_cfg: ModelConfig, asked: ModelConfig):
+    for name, old in run_cfg.to_dict().items():
+        if name != "ops" and getattr(asked, name) != old:
+            raise GuppyError(f"model {name}={getattr(asked, name)}: a resume continues the run's model, whose {name} "
+                             f"is {old}; start a new run in another --out for another model")
+
+
+def _restore(run: Run, state: dict, dev):
+    """Put a checkpoint's training state into a freshly built run: step, optimiser, scaler, data position, RNG."""
+    if "optimizer" in state:
+        lr_tensors = [g["lr"] for g in run.optimizer.param_groups]
+        run.optimizer.load_state_dict(state["optimizer"])
+        for g, lr in zip(run.optimizer.param_groups, lr_tensors):
+            g["lr"] = lr  # keep the device tensor a CUDA graph reads (a float otherwise)
+    if "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
+    run.batcher.load_state_dict(state["extra"]["data"])
+    run.seen.update(state["extra"].get("seen", {}))
+    run.step = state["step"]
+    run.best_eval = state["extra"].get("best_eval", math.inf)
+    set_rng_state(state["rng"], dev)
+
+
+def _open_run_dir(out_dir: str, data: TrainData, resumed_at: int | None):
+    """The run folder's own files: the tokenizer chat will use (copied once, at the start of the run: a resume has
+    checked that its data has the same one) and persona card, and metrics.jsonl cut back to the step resumed from."""
+    for name in ("tokenizer.json", "persona.json"):  # chat and export need only the run folder
+        src, dst = os.path.join(data.path, name), os.path.join(out_dir, name)
+        if os.path.isfile(src) and (resumed_at is None or not os.path.exists(dst)):
+            shutil.copyfile(src, dst)
+    if resumed_at is not None:
+        MetricsLog(os.path.join(out_dir, "metrics.jsonl")).keep_through(resumed_at)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------------------------
 class MetricsLog:
@@ -220,14 +389,25 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def keep_through(self, step: int):
+        """On resume: drop the lines past `step` (written after that checkpoint by a process that was then killed,
+        and about to be written again), and a torn last line, so that each step is logged once."""
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path, "rb") as f:
+            lines = f.readlines()
+        kept = [ln for ln in lines if _logged_step(ln) is not None and _logged_step(ln) <= step]
+        if kept != lines:
+            ckpt_lib.atomic_write_bytes(self.path, b"".join(ln if ln.endswith(b"\n") else ln + b"\n" for ln in kept))
 
-def saved_train_config(out_dir: str) -> TrainConfig:
-    """The TrainConfig of the run in out_dir (its latest checkpoint): the base a resume starts from."""
-    pointer = ckpt_lib.read_pointer(out_dir, "latest")
-    if pointer is None:
-        raise GuppyError(f"{out_dir}: nothing to resume (no latest.json); start without --resume")
-    state, _ = ckpt_lib.load_training_state(os.path.join(out_dir, pointer["checkpoint"]))
-    return TrainConfig.from_dict(state["train_config"])
+
+def _logged_step(line: bytes) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
 
 class _StopAtStepBoundary:
@@ -251,95 +431,48 @@ class _StopAtStepBoundary:
             self._previous = None
 
 
-def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig, device: str = "auto",
+def train(data_dir: str, out_dir: str, model_cfg: ModelConfig | None, cfg: TrainConfig | None, device: str = "auto",
           resume: bool = False, stop_at_step: int | None = None, progress: bool = True, log=print,
-          ops: str | None = None, on_eval=None) -> dict:
+          ops: str | None = None, on_eval=None, preset: str | None = None) -> dict:
     """Train a GuppyLM on a prepared data folder, writing checkpoints and metrics.jsonl into out_dir.
 
-    resume: continue from out_dir's latest checkpoint exactly (model, optimiser, scaler, RNG and data position).
-        The run's own model config, ops included, come from the checkpoint; `ops` overrides them.
+    resume: continue the run in out_dir exactly (model, optimiser, scaler, RNG and data position) under the resume
+        rule (RESUME_MAY_CHANGE above): model_cfg and cfg may be None (the run's own); where they differ from the
+        run's, only what the rule allows changes, and anything else is refused. Without resume, out_dir must not
+        hold a run already.
     stop_at_step: save and stop there, keeping the schedule of max_steps (train in pieces; resume later).
     ops: an op implementation (guppy/ops.py) to use instead of model_cfg's / the checkpoint's.
     on_eval: called with each eval's metrics record (step, eval_loss, elapsed, conversations, tokens); a true
         return ends the run there, as a normal finish with its checkpoint saved (the recipe sweep stops a variant
         once it reaches the target this way).
+    preset: the preset's name, recorded in the run (a resume may name it again, and no other).
+    out_dir is locked (guppy/runlock.py) for the whole training: a second training into it is refused.
     Returns a summary dict.
     """
     t_begin = time.perf_counter()
-    if resume:
-        pointer = ckpt_lib.read_pointer(out_dir, "latest")
-        if pointer is None:
-            raise GuppyError(f"{out_dir}: nothing to resume (no latest.json); start without --resume")
-        with open(os.path.join(out_dir, pointer["checkpoint"], "config.json")) as f:
-            model_cfg = ModelConfig.from_dict(json.load(f))
-    if ops is not None:
-        model_cfg.ops = ops
     rank, world, local_rank = ddp_setup(device)
     dev = resolve_device(device)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local_rank)
+    data = load_train_data(data_dir)
+    with RunLock(out_dir) if rank == 0 else contextlib.nullcontext():
+        run = start_run(data, out_dir, model_cfg, cfg, dev, resume, ops, preset, rank, world,
+                        log if rank == 0 else lambda *_: None)
+        if rank == 0:
+            _open_run_dir(out_dir, data, run.step if resume else None)
+        return train_loop(run, data, out_dir, dev, rank, world, stop_at_step, progress, log, on_eval, t_begin)
+
+
+def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, world: int = 1,
+               stop_at_step: int | None = None, progress: bool = True, log=print, on_eval=None,
+               t_begin: float | None = None) -> dict:
+    """Train `run` from its step to max_steps (or stop_at_step): log, evaluate, save. Returns the summary."""
+    t_begin = time.perf_counter() if t_begin is None else t_begin
+    model, cfg, optimizer, scaler, batcher, seen = run.model, run.cfg, run.optimizer, run.scaler, run.batcher, run.seen
+    model_cfg, amp_dtype, best_eval, start_step = model.config, run.amp_dtype, run.best_eval, run.step
     is_main = rank == 0
-    if model_cfg.ops in ("triton", "gemm-softmax", "csrc") and dev.type == "cpu" \
-            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise GuppyError(f"--ops {model_cfg.ops} runs Triton kernels, which need a CUDA GPU (or TRITON_INTERPRET=1 "
-                         "to interpret them on the CPU, slowly); use --ops auto or reference here")
-
-    train_split = load_split(data_dir, "train")
-    eval_split = load_split(data_dir, "eval") if os.path.isfile(os.path.join(data_dir, "eval.offsets.npy")) else None
-    meta_path = os.path.join(data_dir, "meta.json")
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            vocab = json.load(f).get("vocab_size", model_cfg.vocab_size)
-        if vocab > model_cfg.vocab_size:
-            raise GuppyError(f"{data_dir}: its tokenizer has {vocab} tokens but the model's vocab_size is "
-                             f"{model_cfg.vocab_size}")
-
-    start_step, best_eval, state = 0, float("inf"), None
-    if resume:
-        ckpt_dir = os.path.join(out_dir, pointer["checkpoint"])
-        model, _ = ckpt_lib.load_model(ckpt_dir, ops=model_cfg.ops)
-        model_cfg = model.config
-        state, _ = ckpt_lib.load_training_state(ckpt_dir)
-        saved_cfg = TrainConfig.from_dict(state["train_config"])
-        # the schedule and data order must be the run's own; what may change on resume is how far and how often
-        for keep in ("max_steps", "eval_every", "save_every", "log_every", "eval_batches"):
-            setattr(saved_cfg, keep, getattr(cfg, keep))
-        cfg = saved_cfg
-        start_step = state["step"]
-        best_eval = state["extra"].get("best_eval", float("inf"))
-    else:
-        if ckpt_lib.read_pointer(out_dir, "latest") is not None:
-            raise GuppyError(f"{out_dir}: already holds a training run; pass --resume to continue it, "
-                             "or choose another --out")
-        torch.manual_seed(cfg.seed + rank)
-        model = GuppyLM(model_cfg)
-    model.to(dev)
-    if is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        for name in ("tokenizer.json", "persona.json"):  # chat and export need only the run folder
-            if os.path.isfile(os.path.join(data_dir, name)):
-                shutil.copyfile(os.path.join(data_dir, name), os.path.join(out_dir, name))
-
-    amp_dtype = autocast_dtype(dev)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    graphs = uses_cuda_graphs(cfg, dev, world)
-    optimizer = make_optimizer(model, cfg, dev, cuda_graphs=graphs)
-    seen = {"conversations": 0, "tokens": 0}   # data seen since the run began (all ranks)
-    batcher = Batcher(train_split, cfg.batch_size, model_cfg.max_seq_len, cfg.batch_mode,
-                      assistant_only=cfg.loss_on == "assistant", seed=cfg.seed, rank=rank, world_size=world)
-    if state is not None:
-        if "optimizer" in state:
-            lr_tensors = [g["lr"] for g in optimizer.param_groups]
-            optimizer.load_state_dict(state["optimizer"])
-            for g, lr in zip(optimizer.param_groups, lr_tensors):
-                g["lr"] = lr  # keep the device tensor a CUDA graph reads (a float otherwise)
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        batcher.load_state_dict(state["extra"]["data"])
-        seen.update(state["extra"].get("seen", {}))
-        set_rng_state(state["rng"], dev)
-    evals = (eval_batches(eval_split, cfg.batch_size, model_cfg.max_seq_len, cfg.eval_batches,
-                          assistant_only=cfg.loss_on == "assistant") if eval_split is not None else [])
+    evals = (eval_batches(data.eval, cfg.batch_size, model_cfg.max_seq_len, cfg.eval_batches,
+                          assistant_only=cfg.loss_on == "assistant") if data.eval is not None else [])
 
     train_model = model
     if cfg.compile:
@@ -347,7 +480,7 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if graphs:
+    if run.graphs:
         from .graphs import CudaGraphStep
         step_fn = CudaGraphStep(train_model, optimizer, scaler, cfg.grad_clip, amp_dtype)
     else:
@@ -359,7 +492,7 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
     if is_main:
         log(f"training {model.num_params():,} parameters on {dev} ({amp_dtype or torch.float32}), ops "
             f"{model_cfg.ops}, {cfg.batch_mode} batches of {cfg.batch_size}, steps {start_step} -> {end_step}"
-            + (f", {world} ranks" if world > 1 else "") + (", CUDA graphs" if graphs else ""))
+            + (f", {world} ranks" if world > 1 else "") + (", CUDA graphs" if run.graphs else ""))
         if batcher.n_truncated:
             log(f"note: {batcher.n_truncated} conversations are longer than max_seq_len={model_cfg.max_seq_len} "
                 "tokens and are cut")
@@ -375,7 +508,7 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
             t = time.perf_counter()
             ckpt_lib.save_checkpoint(out_dir, step, model, model_cfg, cfg, optimizer, scaler, rng_state(dev),
                                      extra={"best_eval": best_eval, "data": batcher.state_dict(), "seen": dict(seen)},
-                                     pointers=pointers)
+                                     pointers=pointers, run=run.record)
             save_seconds += time.perf_counter() - t
 
     bar = None
@@ -440,9 +573,10 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig, cfg: TrainConfig,
             raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
-        if is_main:
-            log(f"\ninterrupted at step {step}: saving a checkpoint before exiting")
-        save(step)
+        if step > start_step:  # nothing trained since the checkpoint this process started from: nothing to save
+            if is_main:
+                log(f"\ninterrupted at step {step}: saving a checkpoint before exiting")
+            save(step)
     finally:
         stop.restore()
         if bar is not None:

@@ -115,6 +115,18 @@ def test_build_ext_without_cuda_is_a_one_line_error():
     assert_user_error(guppy("build-ext"), "could not build the cuda extension", "--device cpu")
 
 
+def test_torch_cuda_probe_line_stays_out_of_the_one_line_error(tmp_path):
+    """A CUDA build of torch on a machine with a CUDA toolkit and no GPU logs "No CUDA runtime is found, using
+    CUDA_HOME=..." when torch.utils.cpp_extension is imported. guppy drops that line, so build-ext's error stays one
+    line. CPU twin of that machine: this CPU torch told it was compiled with CUDA, CUDA_HOME set."""
+    code = ("import sys, torch; torch.cuda._is_compiled = lambda: True; torch.cuda.is_available = lambda: False; "
+            "torch.version.cuda = '12.8'; "
+            "from guppy.cli import main; main(['build-ext'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, CUDA_HOME=str(tmp_path)))
+    assert_user_error(r, "could not build the cuda extension")
+
+
 def test_ctrl_c_saves_a_checkpoint_before_exiting(trained, tmp_path):
     """SIGINT mid-run: the trainer saves where it is and exits 130; --resume then carries on from that step."""
     import json

@@ -159,3 +159,16 @@ def test_bad_jsonl_is_a_one_line_error(tmp_path):
     bad.write_text('{"input": "a", "output": "b"}\n{not json\n')
     with pytest.raises(GuppyError, match=r"bad.jsonl: line 2: not valid JSON"):
         read_jsonl(str(bad))
+
+
+def test_prepare_force_leaves_no_arrays_of_the_dataset_it_replaced(tmp_path):
+    """A dataset replaced by one without a held-out split loses the old eval arrays too: training must not evaluate
+    on token ids of the old tokenizer."""
+    rows = [{"input": f"q{i % 50}", "output": f"a{i}", "category": "c"} for i in range(200)]
+    src, d = tmp_path / "in.jsonl", str(tmp_path / "d")
+    write_jsonl(str(src), rows)
+    prepare(d, from_jsonl=str(src), eval_fraction=0.1, vocab_size=300, log=lambda *_: None)
+    assert os.path.isfile(os.path.join(d, "eval.tokens.npy"))
+    prepare(d, from_jsonl=str(src), eval_fraction=0.0, vocab_size=300, force=True, log=lambda *_: None)
+    assert not any(n.startswith("eval.") and n.endswith(".npy") for n in os.listdir(d))
+    assert len(load_split(d, "train")) == 200

@@ -27,7 +27,10 @@ def test_notebook_is_valid_and_runs_top_to_bottom(tmp_path):
             code.append(src)
     script = tmp_path / "notebook.py"
     script.write_text("\n\n".join(code))
-    env = dict(os.environ, GUPPY_NOTEBOOK_SMOKE="1")
+    # the notebook runs `guppy ...` through the shell, as on Colab where pip puts it on PATH. Here the command lives
+    # beside this interpreter (.venv/bin), which is not on PATH when `make test` runs with no virtualenv active.
+    env = dict(os.environ, GUPPY_NOTEBOOK_SMOKE="1",
+               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run([sys.executable, str(script)], cwd=os.path.join(ROOT, "notebooks"), env=env,
                        capture_output=True, text=True, timeout=1200)

@@ -149,40 +149,51 @@ def test_schedule_and_weight_decay_groups():
 SAVER = textwrap.dedent("""
     import sys, torch
     from guppy import GuppyLM, ModelConfig
-    from guppy.checkpoint import save_checkpoint
+    from guppy.checkpoint import read_pointer, save_checkpoint
     cfg = ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, ffn_hidden=1024)
     m = GuppyLM(cfg)
     opt = torch.optim.AdamW(m.parameters())
     m(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward(); opt.step()
-    step = 1
+    step = (read_pointer(sys.argv[1], "latest") or {"step": 0})["step"] + 1  # carry on after the last kill
     while True:
         with torch.no_grad():
             for p in m.parameters():
                 p.fill_(float(step))
         save_checkpoint(sys.argv[1], step, m, cfg, optimizer=opt)
-        print(step, flush=True)
         step += 1
 """)
 
 
+def _saving(run):
+    """True while a save is writing its temporary checkpoint folder (it is renamed into place when complete)."""
+    root = os.path.join(run, "checkpoints")
+    return os.path.isdir(root) and any(n.startswith(".tmp-step-") for n in os.listdir(root))
+
+
 def test_checkpoint_survives_kill_9(tmp_path):
-    """Kill a process that saves checkpoints back to back at random moments: latest.json always names a complete
-    checkpoint whose weights are those of its step."""
+    """Kill a process that saves checkpoints back to back while a save is under way (at its start, and further into
+    it): latest.json always names a complete checkpoint whose weights are those of its step. Each kill waits for a
+    save to begin (its temporary folder appearing), not for a fixed time, so a loaded machine only makes it slower."""
     script = tmp_path / "saver.py"
     script.write_text(SAVER)
     run = str(tmp_path / "run")
-    for delay in (1.5, 2.3, 3.1):
-        proc = subprocess.Popen([sys.executable, str(script), run], stdout=subprocess.PIPE, text=True)
-        time.sleep(delay)
+    for round, into_save_s in enumerate((0.0, 0.05, 0.2)):
+        proc = subprocess.Popen([sys.executable, str(script), run])
+        deadline = time.time() + 300
+        saved = (read_pointer(run, "latest") or {"step": 0})["step"]
+        # a save that follows a complete one (from this process or the last), so there is a checkpoint to keep
+        while time.time() < deadline and proc.poll() is None and not (
+                (read_pointer(run, "latest") or {"step": 0})["step"] > saved and _saving(run)):
+            time.sleep(0.002)
+        time.sleep(into_save_s)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "the saver ended before it was killed"
         pointer = read_pointer(run, "latest")
-        if pointer is None:
-            continue  # killed before the first save finished: nothing claimed, nothing half-written is trusted
+        assert pointer is not None and pointer["step"] > saved, f"no save completed in round {round}"
         model, ckpt = load_model(run, prefer="latest")
         assert all(torch.all(p == float(pointer["step"])) for p in model.parameters())
         assert load_file(os.path.join(ckpt, "state.safetensors"))  # the optimiser state is complete too
-    assert read_pointer(run, "latest") is not None, "no save completed in 6.9 s"
 
 
 def test_ddp_two_gloo_ranks_agree(data_dir, tmp_path):
