@@ -61,6 +61,14 @@ class TrainConfig:
     compile: bool = False
     fused_adamw: bool = False        # torch's fused AdamW kernel (CUDA only)
     cuda_graphs: bool = False        # capture the whole training step (packed mode, CUDA only)
+    # The recipe knobs (bench/recipe.py sweeps them; notes/recipe.md has what they measured). The defaults keep
+    # GuppyLM's recipe: AdamW and a cosine schedule.
+    optimizer: str = "adamw"         # "adamw", or "muon": Muon on the hidden weight matrices, AdamW on the rest
+    muon_lr: float = 0.02            # the Muon groups' peak lr; the schedule scales it as it scales lr
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0   # decoupled, scaled by muon_lr (`weight_decay` is the AdamW groups')
+    schedule: str = "cosine"         # "cosine" to min_lr, or "wsd": warm-up, stable at lr, linear decay to min_lr
+    decay_fraction: float = 0.2      # wsd: the share of max_steps spent decaying
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
