@@ -175,3 +175,54 @@ def test_muon_trains(data_dir, tmp_path):
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         evals = [m["eval_loss"] for m in map(json.loads, f) if "eval_loss" in m]
     assert evals[1] < evals[0] < 6.0 and summary["step"] == 40  # ln(512) = 6.2 at the start
+
+
+# --- bench recipe ---------------------------------------------------------------------------------------------------
+def run_bench(*args, timeout=600):
+    r = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    return r
+
+
+def test_bench_recipe_smoke_writes_schema_plot_and_stops_at_target(tmp_path):
+    out = tmp_path / "recipe.json"
+    r = run_bench("recipe", "--smoke", "--no-progress", "--out", str(out), "--work", str(tmp_path / "work"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in ("device", "torch", "date", "smoke", "model_params", "target_eval_loss", "target_from", "variants"):
+        assert key in result, key
+    assert result["smoke"] is True and [v["name"] for v in result["variants"]] == ["fast", "muon-wsd"]
+    with open(tmp_path / "work" / "reference-curve-smoke.json") as f:
+        reference = json.load(f)
+    assert result["target_eval_loss"] == reference["target_eval_loss"]
+    assert reference["target_eval_loss"] == pytest.approx(reference["points"][-1]["eval_loss"], rel=1e-5)
+    for v in result["variants"]:
+        for key in ("name", "steps_to_target", "conversations_to_target", "seconds_to_target", "final_eval_loss",
+                    "keyword_hit_rate"):
+            assert key in v, (v["name"], key)
+        with open(tmp_path / "work" / v["name"] / "metrics.jsonl") as f:
+            evals = [m for m in map(json.loads, f) if "eval_loss" in m]
+        assert [p["eval_loss"] for p in v["curve"]] == [m["eval_loss"] for m in evals]
+        reached = [m for m in evals if m["eval_loss"] <= result["target_eval_loss"]]
+        if reached:  # the first eval at or below the target, and the run ended there
+            assert (v["steps_to_target"], v["conversations_to_target"]) == (reached[0]["step"],
+                                                                            reached[0]["conversations"])
+            assert v["final_step"] == v["steps_to_target"] == evals[-1]["step"]
+        else:
+            assert v["steps_to_target"] is None and v["final_step"] == v["max_steps"]
+    assert (tmp_path / "recipe.png").stat().st_size > 1000
+    # --keep continues a sweep: what --out holds is not trained again
+    r = run_bench("recipe", "--smoke", "--no-progress", "--out", str(out), "--keep", "--variants", "fast")
+    assert r.returncode == 0 and "fast: kept from" in r.stdout and "training" not in r.stdout.split("kept from")[1]
+
+
+def test_bench_recipe_refuses_a_target_measured_on_other_data(data_dir, tmp_path):
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"target_eval_loss": 1.0, "data": {"sha256_eval.jsonl": "0123456789abcdef"}}))
+    r = run_bench("recipe", "--target-from", str(ref), "--data", data_dir, "--variants", "fast", "--device", "cpu")
+    assert r.returncode != 0 and "eval.jsonl differs" in r.stderr and "Traceback" not in r.stderr
+    ref.write_text("{}")
+    r = run_bench("recipe", "--target-from", str(ref), "--data", data_dir)
+    assert r.returncode != 0 and "no target_eval_loss" in r.stderr and "Traceback" not in r.stderr
+    r = run_bench("recipe", "--target-from", str(ref), "--variants", "fast,nope")
+    assert r.returncode != 0 and "unknown variant 'nope'" in r.stderr
