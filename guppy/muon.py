@@ -17,6 +17,11 @@ syncs with the host, so the whole step can be captured.
 Each group says which rule it follows: {"muon": True} groups take `lr`, `momentum`, `weight_decay`; the others are
 AdamW groups (`lr`, `betas`, `eps`, `weight_decay`). Muon's update is scaled by sqrt(max(1, rows/cols)), the post's
 rule, so tall and wide matrices move by the same root-mean-square per entry.
+
+The per-parameter arithmetic uses torch's multi-tensor (`torch._foreach_*`) ops, as torch's own optimizers do: one
+kernel per operation for a whole group instead of one per parameter, and the Newton-Schulz steps as fused baddbmm
+calls. At GuppyLM's 6 layers a step is 105 non-view aten ops (1,078 written per parameter; counted with a
+TorchDispatchMode on the CPU), which matters where the step runs outside a CUDA graph: fp16 with a GradScaler (T4).
 """
 from __future__ import annotations
 
@@ -28,15 +33,16 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 def orthogonalize(g: torch.Tensor, steps: int = 5, dtype=torch.float32) -> torch.Tensor:
     """~U V^T of each matrix in g (..., rows, cols) by `steps` quintic Newton-Schulz iterations, computed in dtype."""
     a, b, c = NS_COEFFICIENTS
-    x = g.to(dtype)
+    x = g.to(dtype).reshape(-1, *g.shape[-2:])
     wide = x.size(-2) <= x.size(-1)
     if not wide:
         x = x.mT  # iterate on the smaller Gram matrix, X X^T
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius norm >= spectral norm: singular values <= 1
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
-    return (x if wide else x.mT).to(g.dtype)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
+        x = torch.baddbmm(x, poly, x, beta=a)                    # a X + (b A + c A^2) X
+    return (x if wide else x.mT).reshape(g.shape).to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -66,26 +72,27 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_step(self, group, params):
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        updates = []
         for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - mu)
-            updates.append(p.grad.lerp(buf, mu))  # Nesterov: look one momentum step ahead
-        # matrices of one shape are orthogonalised together, as a batch (3 shapes in GuppyLM instead of 24 matrices)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, u in enumerate(updates):
-            by_shape.setdefault(tuple(u.shape), []).append(i)
-        for shape, idx in by_shape.items():
-            ortho = orthogonalize(torch.stack([updates[i] for i in idx]), self.ns_steps, self.ns_dtype)
-            scale = max(1.0, shape[0] / shape[1]) ** 0.5
-            for i, o in zip(idx, ortho):
-                p = params[i]
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.sub_(o * (lr * scale))  # lr may be a device tensor: tensor arithmetic, no host sync
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        grads, bufs = [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - mu)
+        updates = torch._foreach_lerp(grads, bufs, mu)  # Nesterov: look one momentum step ahead
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        # Matrices of one shape, tall ones transposed, are orthogonalised together as one batch: GuppyLM's 24 hidden
+        # matrices make 3 batches (qkv^T; out; FFN up^T with down).
+        batches: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            batches.setdefault((min(p.shape), max(p.shape)), []).append(i)
+        for idx in batches.values():
+            tall = [params[i].size(0) > params[i].size(1) for i in idx]
+            ortho = orthogonalize(torch.stack([updates[i].T if t else updates[i] for i, t in zip(idx, tall)]),
+                                  self.ns_steps, self.ns_dtype)
+            ortho *= lr  # lr may be a device tensor: no host sync anywhere
+            for i, t, o in zip(idx, tall, ortho):
+                rows, cols = params[i].shape
+                params[i].sub_(o.T if t else o, alpha=max(1.0, rows / cols) ** 0.5)
 
     def _adamw_step(self, group, params):
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -96,11 +103,19 @@ class Muon(torch.optim.Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-            step += 1
-            m.lerp_(p.grad, 1 - beta1)
-            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            if wd:
-                p.mul_(1 - lr * wd)
-            denom = (v / (1 - beta2 ** step)).sqrt_().add_(eps)
-            p.sub_(m / denom * (lr / (1 - beta1 ** step)))
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_add_([s["step"] for s in states], 1)
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        step = states[0]["step"]  # a group's parameters step together
+        denom = torch._foreach_mul(v, 1 / (1 - beta2 ** step))
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(m, denom)
+        torch._foreach_mul_(update, lr / (1 - beta1 ** step))
+        torch._foreach_sub_(params, update)
