@@ -151,6 +151,8 @@ def plot(result, path):
     ax.set_xlabel("conversations seen")
     ax.set_ylabel("held-out loss")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.set_title(f"bench recipe, {result['size']} size | {result['device']} | torch {result['torch']}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
