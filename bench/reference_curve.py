@@ -1,6 +1,6 @@
 """The reference learning curve: GuppyLM's recipe, run once to its end, eval loss against conversations seen.
 
-    python -m bench reference-curve [--preset guppy-9m] [--data DIR] [--device auto] [--out FILE]
+    python -m bench reference-curve [--preset guppy-9m] [--proxy] [--data DIR] [--device auto] [--out FILE]
 
 GuppyLM's recipe is the `guppy-9m` preset (pad batches of 32, AdamW 3e-4 -> 3e-5, 200 warm-up steps, dropout 0.1,
 10,000 steps) on the reference ops. Every `--eval-every` steps the whole held-out split is scored (not a sample of it),
@@ -9,6 +9,8 @@ so the curve's points are comparable across runs and devices up to precision. Th
 
 The final point also gets its standard error: the eval loss is a ratio (sum of token losses / number of target
 tokens) over conversations, so its standard error is the ratio estimator's, computed from per-conversation sums.
+
+--proxy: the same recipe at the CPU proxy's size (`proxy_configs`), the target of `bench recipe --size proxy`.
 
 Writes bench/results/reference-curve-<device>-<date>.json (a CPU run of guppy-9m takes ~2 hours on 2 cores; a GPU
 minutes). The run folder (checkpoints, metrics.jsonl) is kept for `guppy eval`.
@@ -24,11 +26,39 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from guppy.config import preset
+from guppy.config import PRESETS, preset
 from guppy.data import IGNORE, eval_batches, load_split, prepare
 from guppy.train import train
 
 from .common import RESULTS_DIR, environment, slug, write_result
+
+
+# The CPU proxy of issue 12: the cpu-demo preset's model shape (2 layers, d_model 128) with a quarter of the batch
+# rows, so that a 2-core CPU runs a whole curve in minutes. It ranks recipe levers before a GPU is at hand; it is a
+# proxy, and the full size decides.
+PROXY_BATCH_DIVISOR = 4
+
+
+def proxy_configs(model_cfg, cfg):
+    """model_cfg, cfg shrunk to the proxy's size: the cpu-demo model's shape (keeping the recipe's dropout and ops),
+    batch rows / PROXY_BATCH_DIVISOR. Everything else of the recipe stays."""
+    shape = {k: v for k, v in PRESETS["cpu-demo"][0].items() if k != "dropout"}
+    model_cfg = type(model_cfg).from_dict({**model_cfg.to_dict(), **shape})
+    cfg = type(cfg).from_dict({**cfg.to_dict(), "batch_size": max(1, cfg.batch_size // PROXY_BATCH_DIVISOR)})
+    return model_cfg, cfg
+
+
+def read_target(path: str) -> dict:
+    """The target of a reference-curve JSON: {"target_eval_loss", "eval_loss_stderr", "keyword_hit_rate", "points",
+    "data", ...} as written by this module. One-line errors (SystemExit) for a missing or foreign file."""
+    try:
+        with open(path) as f:
+            ref = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--target-from {path}: cannot read it ({e.__class__.__name__}: {e})") from None
+    if not isinstance(ref, dict) or not isinstance(ref.get("target_eval_loss"), (int, float)):
+        raise SystemExit(f"--target-from {path}: no target_eval_loss in it (not a `bench reference-curve` result)")
+    return ref
 
 
 def data_fingerprint(data_dir: str) -> dict:
@@ -83,9 +113,36 @@ def eval_loss_with_stderr(model, data_dir: str, device) -> dict:
     return {"eval_loss": loss, "eval_loss_stderr": se, "eval_conversations": k, "eval_target_tokens": int(n.sum())}
 
 
-def main(args):
+def measure(model_cfg, cfg, data: str, run_dir: str, dev, progress: bool = True) -> dict:
+    """Train the reference in run_dir and score it: the curve's points, the final loss with its standard error, the
+    keyword hit rate. cfg must be a pad recipe (GuppyLM's); its evals score the whole held-out split."""
     from guppy.chat import evaluate_checkpoint
     from guppy.checkpoint import load_model
+
+    if cfg.batch_mode != "pad":
+        raise SystemExit("the reference curve is GuppyLM's recipe: pad batches (one conversation per row)")
+    cfg.eval_batches = 0   # 0: the whole held-out split at every eval
+    summary = train(data, run_dir, model_cfg, cfg, device=str(dev), progress=progress)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    points = [{"step": r["step"], "conversations": r["step"] * cfg.batch_size, "eval_loss": r["eval_loss"],
+               "elapsed_s": r["elapsed"]} for r in records if "eval_loss" in r]
+    model, ckpt = load_model(run_dir, device=dev, prefer="latest")
+    final = eval_loss_with_stderr(model, data, dev)
+    scored = evaluate_checkpoint(ckpt, data, device=dev)
+    print(f"final eval loss {final['eval_loss']:.4f} ± {final['eval_loss_stderr']:.4f} (s.e.) over "
+          f"{final['eval_conversations']} conversations; keyword hit rate {scored.get('keyword_hit_rate')}")
+    return {
+        "model_params": model.num_params(), "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
+        "data": data_fingerprint(data), "run_dir": run_dir, "train_seconds": round(summary["seconds"], 1),
+        "final_step": summary["step"], "final_conversations": summary["step"] * cfg.batch_size,
+        **final, "target_eval_loss": final["eval_loss"],
+        "keyword_hit_rate": scored.get("keyword_hit_rate"), "keyword_prompts": scored.get("keyword_prompts"),
+        "points": points,
+    }
+
+
+def main(args):
     from guppy.train import resolve_device
 
     dev = resolve_device(args.device)
@@ -96,33 +153,15 @@ def main(args):
         prepare(data, samples=args.samples, seed=1337, log=print)
     model_cfg, cfg = preset(args.preset)
     model_cfg.ops = "reference"
-    cfg.eval_every, cfg.eval_batches = args.eval_every, 0   # 0: the whole held-out split at every eval
+    if args.proxy:
+        model_cfg, cfg = proxy_configs(model_cfg, cfg)
+    cfg.eval_every = args.eval_every
     if args.max_steps:
         cfg.max_steps = args.max_steps
-    if cfg.batch_mode != "pad":
-        raise SystemExit("the reference curve is GuppyLM's recipe: pad batches (one conversation per row)")
-    run_dir = os.path.join(work, "run")
-    summary = train(data, run_dir, model_cfg, cfg, device=str(dev), progress=not args.no_progress)
-
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    points = [{"step": r["step"], "conversations": r["step"] * cfg.batch_size, "eval_loss": r["eval_loss"],
-               "elapsed_s": r["elapsed"]} for r in records if "eval_loss" in r]
-    model, ckpt = load_model(run_dir, device=dev, prefer="latest")
-    final = eval_loss_with_stderr(model, data, dev)
-    scored = evaluate_checkpoint(ckpt, data, device=dev)
-    result = {
-        **env, "benchmark": "reference learning curve (GuppyLM's recipe)", "preset": args.preset,
-        "model_params": model.num_params(), "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
-        "data": data_fingerprint(data), "run_dir": run_dir, "train_seconds": round(summary["seconds"], 1),
-        "final_step": summary["step"], "final_conversations": summary["step"] * cfg.batch_size,
-        **final, "target_eval_loss": final["eval_loss"],
-        "keyword_hit_rate": scored.get("keyword_hit_rate"), "keyword_prompts": scored.get("keyword_prompts"),
-        "points": points,
-    }
-    print(f"final eval loss {final['eval_loss']:.4f} ± {final['eval_loss_stderr']:.4f} (s.e.) over "
-          f"{final['eval_conversations']} conversations; keyword hit rate {scored.get('keyword_hit_rate')}")
-    out = args.out or os.path.join(RESULTS_DIR, f"reference-curve-{args.preset}-{slug(env['device'])}-"
-                                                f"{env['date']}.json")
+    measured = measure(model_cfg, cfg, data, os.path.join(work, "run"), dev, progress=not args.no_progress)
+    result = {**env, "benchmark": "reference learning curve (GuppyLM's recipe)", "preset": args.preset,
+              "size": "proxy" if args.proxy else "full", **measured}
+    name = args.preset + ("-proxy" if args.proxy else "")
+    out = args.out or os.path.join(RESULTS_DIR, f"reference-curve-{name}-{slug(env['device'])}-{env['date']}.json")
     write_result(result, out)
     return result

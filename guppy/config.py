@@ -67,6 +67,14 @@ class TrainConfig:
     compile: bool = False
     fused_adamw: bool = False        # torch's fused AdamW kernel (CUDA only)
     cuda_graphs: bool = False        # capture the whole training step (packed mode, CUDA only)
+    # The recipe knobs (bench/recipe.py sweeps them; notes/recipe.md has what they measured). The defaults keep
+    # GuppyLM's recipe: AdamW and a cosine schedule.
+    optimizer: str = "adamw"         # "adamw", or "muon": Muon on the hidden weight matrices, AdamW on the rest
+    muon_lr: float = 0.02            # the Muon groups' peak lr; the schedule scales it as it scales lr
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0   # decoupled, scaled by muon_lr (`weight_decay` is the AdamW groups')
+    schedule: str = "cosine"         # "cosine" to min_lr, or "wsd": warm-up, stable at lr, linear decay to min_lr
+    decay_fraction: float = 0.2      # wsd: the share of max_steps spent decaying
 
     def __post_init__(self):
         _check(self, positive_ints=("batch_size", "max_steps", "eval_every", "log_every", "save_every"),
@@ -137,14 +145,16 @@ PRESETS: dict[str, tuple[dict, dict]] = {
         dict(batch_size=8, max_steps=1500, lr=3e-3, min_lr=3e-4, warmup_steps=50, batch_mode="packed",
              eval_every=250, eval_batches=8, save_every=500),
     ),
-    # The fast path (issue: the 5-minute budget): guppy's kernels, packed rows, fused AdamW, the step as one CUDA
-    # graph, metrics read back every 50 steps. A packed row of 128 tokens holds ~3.4 conversations, so a step sees
-    # ~3.4x GuppyLM's data: ~3,000 steps cover what its 10,000 do. The step count and lr are starting points to be
-    # confirmed by `python -m bench train` on a GPU (which measures time to GuppyLM's eval loss), not measured yet.
+    # The fast path (issue: the 5-minute budget): guppy's kernels, packed rows, the step as one CUDA graph, metrics
+    # read back every 50 steps. A packed row of 128 tokens holds ~3 conversations, so a step sees ~3x GuppyLM's data.
+    # The recipe is the best of the recipe sweep (notes/recipe.md, `python -m bench recipe`): Muon on the hidden
+    # matrices, AdamW 2.4e-3 on the rest, no dropout, 1,500 steps (issue 12's goal: GuppyLM's final eval loss in
+    # under half its conversations). fused_adamw applies when optimizer is "adamw".
     "guppy-9m-fast": (
-        dict(ops="auto"),
-        dict(batch_size=32, max_steps=3000, lr=6e-4, min_lr=6e-5, warmup_steps=100, batch_mode="packed",
-             fused_adamw=True, cuda_graphs=True, log_every=50, eval_every=250, save_every=1000),
+        dict(ops="auto", dropout=0.0),
+        dict(batch_size=32, max_steps=1500, lr=2.4e-3, min_lr=2.4e-4, warmup_steps=100, batch_mode="packed",
+             optimizer="muon", muon_lr=0.02, fused_adamw=True, cuda_graphs=True, log_every=50, eval_every=250,
+             save_every=1000),
     ),
     # For tests: seconds on a CPU.
     "tiny": (

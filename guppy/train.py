@@ -1,5 +1,5 @@
-"""The training loop: AdamW, cosine schedule with warm-up, gradient clipping, mixed precision by device, evals on the
-held-out set, atomic checkpoints, exact resume, and DDP under torchrun.
+"""The training loop: AdamW (or Muon + AdamW), a cosine or WSD schedule with warm-up, gradient clipping, mixed
+precision by device, evals on the held-out set, atomic checkpoints, exact resume, and DDP under torchrun.
 
 Host syncs are kept off the hot path: the loss is accumulated on the device and read back every `log_every` steps.
 """
@@ -95,9 +95,35 @@ def uses_cuda_graphs(cfg: TrainConfig, device, world_size: int = 1) -> bool:
         and not cfg.compile
 
 
+def muon_param_groups(model, cfg: TrainConfig, lr_tensor=None):
+    """Muon's groups: the hidden weight matrices (attention and FFN linears) under Muon, and the rest under AdamW:
+    the embeddings (and the LM head tied to them), norms and biases, without weight decay unless decay_all.
+    Each group carries its peak lr as a ratio to cfg.lr, which set_lr applies to the scheduled lr; lr_tensor(value)
+    gives each group its own lr tensor when a CUDA graph reads them."""
+    embeddings = {id(model.tok_emb.weight), id(model.pos_emb.weight)}
+    hidden = [p for p in model.parameters() if p.dim() == 2 and id(p) not in embeddings]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in hidden_ids]
+    make_lr = lr_tensor or float
+    return [
+        {"params": hidden, "muon": True, "lr": make_lr(cfg.muon_lr), "lr_ratio": cfg.muon_lr / cfg.lr,
+         "momentum": cfg.muon_momentum, "weight_decay": cfg.muon_weight_decay},
+        {"params": rest, "muon": False, "lr": make_lr(cfg.lr),
+         "weight_decay": cfg.weight_decay if cfg.decay_all else 0.0},
+    ]
+
+
 def make_optimizer(model, cfg: TrainConfig, device, cuda_graphs: bool = False):
-    """AdamW; torch's fused kernel on CUDA when asked. Inside a CUDA graph the learning rate must live in device
-    memory (a tensor the captured step reads), and the optimizer must be capturable."""
+    """AdamW (torch's fused kernel on CUDA when asked), or Muon + AdamW (guppy/muon.py) with cfg.optimizer "muon".
+    Inside a CUDA graph the learning rate must live in device memory (a tensor the captured step reads), and the
+    optimizer must be capturable."""
+    if cfg.optimizer == "muon":
+        from .muon import Muon
+        lr_tensor = (lambda v: torch.tensor(v, device=device)) if cuda_graphs else None
+        return Muon(muon_param_groups(model, cfg, lr_tensor), betas=cfg.betas,
+                    ns_dtype=autocast_dtype(device) or torch.float32)
+    if cfg.optimizer != "adamw":
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or muon")
     kwargs = {}
     if (cfg.fused_adamw or cuda_graphs) and device.type == "cuda":
         kwargs["fused"] = True
@@ -109,19 +135,28 @@ def make_optimizer(model, cfg: TrainConfig, device, cuda_graphs: bool = False):
 
 
 def set_lr(optimizer, lr: float):
+    """Set the scheduled lr; a group with an `lr_ratio` (Muon's) gets lr times that."""
     for g in optimizer.param_groups:
+        value = lr * g.get("lr_ratio", 1.0)
         if torch.is_tensor(g["lr"]):
-            g["lr"].fill_(lr)  # in place: a captured graph keeps reading this memory
+            g["lr"].fill_(value)  # in place: a captured graph keeps reading this memory
         else:
-            g["lr"] = lr
+            g["lr"] = value
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up from 0 to lr, then cosine decay to min_lr at max_steps."""
+    """Linear warm-up from 0 to lr, then to min_lr at max_steps: a cosine ("cosine"), or flat at lr and a linear
+    decay over the last decay_fraction of the steps ("wsd", warm-up/stable/decay)."""
     if step < cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * cfg.max_steps))
+        progress = min(1.0, max(0.0, (step - (cfg.max_steps - decay_steps)) / decay_steps))
+        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose cosine or wsd")
 
 
 # --------------------------------------------------------------------------------------------------------------------

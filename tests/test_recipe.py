@@ -1,0 +1,228 @@
+"""The recipe knobs: Muon (+ AdamW on the rest), the WSD schedule, exact resume with each, and `bench recipe`."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from guppy import ModelConfig, TrainConfig
+from guppy.checkpoint import load_model, read_pointer
+from guppy.data import prepare
+from guppy.model import GuppyLM
+from guppy.muon import Muon, orthogonalize
+from guppy.train import lr_at, make_optimizer, set_lr, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINI = dict(vocab_size=512, max_seq_len=64, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64)
+CPU = torch.device("cpu")
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    prepare(str(d), samples=1500, seed=3, eval_fraction=0.1, vocab_size=512, log=quiet)
+    return str(d)
+
+
+# --- schedule -------------------------------------------------------------------------------------------------------
+def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_min_lr():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, schedule="wsd", decay_fraction=0.2)
+    # decay over the last 22 steps: 88 -> 110
+    assert [lr_at(s, cfg) for s in (0, 5, 10, 50, 88)] == [0.0, 0.5, 1.0, 1.0, 1.0]
+    assert lr_at(99, cfg) == pytest.approx(1.0 - 0.9 * 11 / 22) and lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_unknown_schedule_and_optimizer_are_refused():
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_at(300, TrainConfig(schedule="linear"))
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer(GuppyLM(ModelConfig(**MINI)), TrainConfig(optimizer="sgd"), CPU)
+
+
+# --- Muon -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(48, 16), (16, 16), (16, 40), (3, 24, 8)])
+def test_newton_schulz_keeps_the_singular_vectors_and_pulls_singular_values_near_one(shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    o = orthogonalize(g.float(), steps=5).double()
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    inner = u.mT @ o @ vh.mT  # diagonal iff o shares g's singular vectors
+    diag = torch.diagonal(inner, dim1=-2, dim2=-1)
+    assert (inner - torch.diag_embed(diag)).abs().max() < 1e-4
+    assert diag.min() > 0.6 and diag.max() < 1.25, diag  # the quintic's band (Keller Jordan's post: ~0.7-1.2)
+
+
+def _muon_reference(params, grads_per_step, lr, mu, wd, steps=5):
+    """Muon written out per matrix in float64: Nesterov momentum, the same quintic iteration, the sqrt(rows/cols)
+    scale, decoupled decay."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    params = [p.double().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    for grads in grads_per_step:
+        for p, buf, g in zip(params, bufs, grads):
+            g = g.double()
+            buf.mul_(mu).add_(g, alpha=1 - mu)
+            x = (1 - mu) * g + mu * buf
+            transposed = x.shape[0] > x.shape[1]
+            x = x.T if transposed else x
+            x = x / (x.norm() + 1e-7)
+            for _ in range(steps):
+                A = x @ x.T
+                x = a * x + (b * A + c * A @ A) @ x
+            x = x.T if transposed else x
+            p.mul_(1 - lr * wd).sub_(lr * max(1, p.shape[0] / p.shape[1]) ** 0.5 * x)
+    return params
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_muon_step_matches_a_per_matrix_float64_reference(tensor_lr):
+    """Shapes repeat (batched together) and are tall, square and wide; a tensor lr (CUDA graphs) gives the same."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(24, 8), (24, 8), (8, 8), (8, 16), (8, 16)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    expected = _muon_reference([p.detach() for p in params], grads, lr=0.05, mu=0.9, wd=0.1)
+    lr = torch.tensor(0.05) if tensor_lr else 0.05
+    opt = Muon([{"params": params, "muon": True, "lr": lr, "momentum": 0.9, "weight_decay": 0.1}])
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), e, atol=2e-5, rtol=1e-5)
+
+
+def test_muon_adamw_groups_step_like_torch_adamw():
+    torch.manual_seed(0)
+    ours = GuppyLM(ModelConfig(**MINI, dropout=0.0))
+    theirs = GuppyLM(ModelConfig(**MINI, dropout=0.0))
+    theirs.load_state_dict(ours.state_dict())
+    opt_a = Muon([{"params": list(ours.parameters()), "lr": torch.tensor(1e-2), "weight_decay": 0.1}],
+                 betas=(0.9, 0.95))
+    opt_b = torch.optim.AdamW(theirs.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    idx = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(5):
+        for model, opt in ((ours, opt_a), (theirs, opt_b)):
+            model(idx, idx)[1].backward()
+            opt.step()
+            opt.zero_grad()
+    C = MINI["d_model"]
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        if name.endswith("attn.qkv.bias"):  # the key bias's true gradient is 0: its noise is Adam-normalised
+            a, b = torch.cat([a[:C], a[2 * C:]]), torch.cat([b[:C], b[2 * C:]])
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = GuppyLM(ModelConfig(**MINI))
+    cfg = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02)
+    opt = make_optimizer(model, cfg, CPU)
+    muon, rest = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)].split(".", 2)[2] for p in muon["params"]) == sorted(
+        ["attn.qkv.weight", "attn.out.weight", "ffn.up.weight", "ffn.down.weight"] * MINI["n_layers"])
+    assert len(muon["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    assert id(model.tok_emb.weight) in {id(p) for p in rest["params"]}
+    set_lr(opt, 5e-4)  # the schedule's lr; Muon's group follows at its ratio
+    assert rest["lr"] == 5e-4 and muon["lr"] == pytest.approx(0.01)
+
+
+def test_muon_under_cuda_graphs_gets_one_lr_tensor_per_group():
+    """The CPU twin of the graph path: every group reads its own lr tensor, which set_lr fills in place."""
+    opt = make_optimizer(GuppyLM(ModelConfig(**MINI)), TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02), CPU,
+                         cuda_graphs=True)
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert all(torch.is_tensor(t) for t in lrs) and lrs[0] is not lrs[1]
+    set_lr(opt, 5e-4)
+    assert [g["lr"] for g in opt.param_groups] == lrs  # the same tensors, refilled
+    assert lrs[0].item() == pytest.approx(0.01) and lrs[1].item() == pytest.approx(5e-4)
+
+
+# --- training with the knobs ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("optimizer,schedule", [("muon", "wsd"), ("muon", "cosine"), ("adamw", "wsd")])
+def test_resume_is_exact_with_each_recipe(data_dir, tmp_path, optimizer, schedule):
+    """Stopping at step 7 and resuming gives the same losses and weights as never stopping (dropout on)."""
+    cfg = lambda: TrainConfig(batch_size=8, max_steps=16, lr=3e-3, warmup_steps=4, eval_every=5, eval_batches=2,
+                              log_every=1, save_every=100, batch_mode="packed", optimizer=optimizer,
+                              schedule=schedule, decay_fraction=0.5, muon_weight_decay=0.1)
+    mc = lambda: ModelConfig(**MINI, dropout=0.1)
+    full, pieces = str(tmp_path / "full"), str(tmp_path / "pieces")
+    train(data_dir, full, mc(), cfg(), device="cpu", progress=False, log=quiet)
+    train(data_dir, pieces, mc(), cfg(), device="cpu", stop_at_step=7, progress=False, log=quiet)
+    assert read_pointer(pieces, "latest")["step"] == 7
+    train(data_dir, pieces, mc(), cfg(), device="cpu", resume=True, progress=False, log=quiet)
+
+    def losses(run):
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            return [(m["step"], m.get("train_loss"), m.get("eval_loss")) for m in map(json.loads, f)
+                    if "train_loss" in m or "eval_loss" in m]
+
+    assert losses(full) == losses(pieces)
+    wa, wb = (load_model(r, prefer="latest")[0].state_dict() for r in (full, pieces))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_muon_trains(data_dir, tmp_path):
+    cfg = TrainConfig(batch_size=16, max_steps=40, lr=3e-3, warmup_steps=5, eval_every=20, eval_batches=4,
+                      log_every=10, batch_mode="packed", optimizer="muon", muon_lr=0.02)
+    summary = train(data_dir, str(tmp_path / "run"), ModelConfig(**MINI, dropout=0.0), cfg, device="cpu",
+                    progress=False, log=quiet)
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        evals = [m["eval_loss"] for m in map(json.loads, f) if "eval_loss" in m]
+    assert evals[1] < evals[0] < 6.0 and summary["step"] == 40  # ln(512) = 6.2 at the start
+
+
+# --- bench recipe ---------------------------------------------------------------------------------------------------
+def run_bench(*args, timeout=600):
+    r = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    return r
+
+
+def test_bench_recipe_smoke_writes_schema_plot_and_stops_at_target(tmp_path):
+    out = tmp_path / "recipe.json"
+    r = run_bench("recipe", "--smoke", "--no-progress", "--out", str(out), "--work", str(tmp_path / "work"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in ("device", "torch", "date", "smoke", "model_params", "target_eval_loss", "target_from", "variants"):
+        assert key in result, key
+    assert result["smoke"] is True and [v["name"] for v in result["variants"]] == ["fast", "muon-wsd"]
+    with open(tmp_path / "work" / "reference-curve-smoke.json") as f:
+        reference = json.load(f)
+    assert result["target_eval_loss"] == reference["target_eval_loss"]
+    assert reference["target_eval_loss"] == pytest.approx(reference["points"][-1]["eval_loss"], rel=1e-5)
+    for v in result["variants"]:
+        for key in ("name", "steps_to_target", "conversations_to_target", "seconds_to_target", "final_eval_loss",
+                    "keyword_hit_rate"):
+            assert key in v, (v["name"], key)
+        with open(tmp_path / "work" / v["name"] / "metrics.jsonl") as f:
+            evals = [m for m in map(json.loads, f) if "eval_loss" in m]
+        assert [p["eval_loss"] for p in v["curve"]] == [m["eval_loss"] for m in evals]
+        reached = [m for m in evals if m["eval_loss"] <= result["target_eval_loss"]]
+        if reached:  # the first eval at or below the target, and the run ended there
+            assert (v["steps_to_target"], v["conversations_to_target"]) == (reached[0]["step"],
+                                                                            reached[0]["conversations"])
+            assert v["final_step"] == v["steps_to_target"] == evals[-1]["step"]
+        else:
+            assert v["steps_to_target"] is None and v["final_step"] == v["max_steps"]
+    assert (tmp_path / "recipe.png").stat().st_size > 1000
+    # --keep continues a sweep: what --out holds is not trained again
+    r = run_bench("recipe", "--smoke", "--no-progress", "--out", str(out), "--keep", "--variants", "fast")
+    assert r.returncode == 0 and "fast: kept from" in r.stdout and "training" not in r.stdout.split("kept from")[1]
+
+
+def test_bench_recipe_refuses_a_target_measured_on_other_data(data_dir, tmp_path):
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"target_eval_loss": 1.0, "data": {"sha256_eval.jsonl": "0123456789abcdef"}}))
+    r = run_bench("recipe", "--target-from", str(ref), "--data", data_dir, "--variants", "fast", "--device", "cpu")
+    assert r.returncode != 0 and "eval.jsonl differs" in r.stderr and "Traceback" not in r.stderr
+    ref.write_text("{}")
+    r = run_bench("recipe", "--target-from", str(ref), "--data", data_dir)
+    assert r.returncode != 0 and "no target_eval_loss" in r.stderr and "Traceback" not in r.stderr
+    r = run_bench("recipe", "--target-from", str(ref), "--variants", "fast,nope")
+    assert r.returncode != 0 and "unknown variant 'nope'" in r.stderr
