@@ -9,7 +9,8 @@ from setuptools import setup
 setup(
     name="guppy",
     version="0.1.0",
-    description="A ~9M-parameter fish-persona transformer trained from scratch in minutes, with Triton and CUDA kernels",
+    description=("A ~9M-parameter fish-persona transformer trained from scratch in minutes, "
+                 "with Triton and CUDA kernels"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

@@ -195,6 +195,12 @@ def main(args):
     if not args.smoke and not args.target_from:
         raise SystemExit("bench recipe: --target-from FILE is needed (a `bench reference-curve` result; "
                          "--smoke makes its own)")
+    ref = None
+    if not args.smoke:  # a bad target file stops here, before minutes of data preparation
+        try:
+            ref, target_from = read_target(args.target_from), args.target_from
+        except ValueError as e:
+            raise SystemExit(f"bench recipe: --target-from {e}") from None
     work = args.work or tempfile.mkdtemp(prefix="guppy-bench-recipe-")
     data = args.data or os.path.join(work, "data")
     if not args.data:
@@ -203,7 +209,6 @@ def main(args):
     if args.smoke:
         ref, target_from = smoke_reference(data, work, dev)
     else:
-        ref, target_from = read_target(args.target_from), args.target_from
         check_same_data(data, ref, target_from)
     target = ref["target_eval_loss"]
 

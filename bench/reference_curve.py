@@ -48,19 +48,6 @@ def proxy_configs(model_cfg, cfg):
     return model_cfg, cfg
 
 
-def read_target(path: str) -> dict:
-    """The target of a reference-curve JSON: {"target_eval_loss", "eval_loss_stderr", "keyword_hit_rate", "points",
-    "data", ...} as written by this module. One-line errors (SystemExit) for a missing or foreign file."""
-    try:
-        with open(path) as f:
-            ref = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"--target-from {path}: cannot read it ({e.__class__.__name__}: {e})") from None
-    if not isinstance(ref, dict) or not isinstance(ref.get("target_eval_loss"), (int, float)):
-        raise SystemExit(f"--target-from {path}: no target_eval_loss in it (not a `bench reference-curve` result)")
-    return ref
-
-
 def data_fingerprint(data_dir: str) -> dict:
     """What the curve was measured on: the dataset's generation settings and the hashes of its text files."""
     with open(os.path.join(data_dir, "meta.json")) as f:
@@ -76,9 +63,10 @@ def data_fingerprint(data_dir: str) -> dict:
     return out
 
 
-def read_target(path: str) -> float:
-    """The target eval loss a result file holds (`target_eval_loss`: a reference curve's final loss, or a `bench
-    train` run's target). ValueError with one line naming the file when it has none."""
+def read_target(path: str) -> dict:
+    """The whole result file that holds a target eval loss (`target_eval_loss`: a reference curve's final loss, or a
+    `bench train` / `bench recipe` run's target), its target checked to be a finite number. ValueError with one line
+    naming the file when it cannot be read or has no target."""
     try:
         with open(path) as f:
             doc = json.load(f)
@@ -89,7 +77,7 @@ def read_target(path: str) -> float:
     target = doc.get("target_eval_loss") if isinstance(doc, dict) else None
     if not isinstance(target, (int, float)) or isinstance(target, bool) or not math.isfinite(target):
         raise ValueError(f"{path}: no finite target_eval_loss in it (write one with python -m bench reference-curve)")
-    return float(target)
+    return {**doc, "target_eval_loss": float(target)}
 
 
 @torch.no_grad()

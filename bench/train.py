@@ -84,9 +84,8 @@ def plan_runs(runs: str, have_target: bool) -> list[str]:
 
 def read_target_file(path: str) -> dict:
     """target_eval_loss, the eval setting it was scored with (None: not recorded), and the data fingerprint."""
-    target = read_target(path)
-    with open(path) as f:
-        doc = json.load(f)
+    doc = read_target(path)
+    target = doc["target_eval_loss"]
     eval_batches = doc.get("eval_batches", (doc.get("train_config") or {}).get("eval_batches"))
     baseline = next((r.get("seconds_to_target") for r in doc.get("runs", []) if r.get("name") == "reference"), None)
     return {"path": path, "target_eval_loss": target, "eval_batches": eval_batches, "data": doc.get("data"),

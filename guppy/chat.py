@@ -54,7 +54,9 @@ def encode_prompt_ids(tok, user: str) -> list[int]:
     The special tokens come from the template only; the text between them is encoded with special-token matching
     off. The tokenizer splits its input at special tokens and encodes the pieces independently, so for text that
     holds none this equals `tok.encode(prompt_text(user))`: the ids the model was trained on."""
-    enc = lambda text: tok.encode(text, add_special_tokens=False).ids
+    def enc(text):
+        return tok.encode(text, add_special_tokens=False).ids
+
     before = tok.encode_special_tokens  # tokenizers >= 0.14: True encodes "<|im_end|>" as plain text
     tok.encode_special_tokens = True
     try:

@@ -213,7 +213,8 @@ def build_parser():
     s.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     s.add_argument("--resume", action="store_true", help=RESUME_HELP)
     s.add_argument("--max-steps", type=positive_int)
-    s.add_argument("--stop-at-step", type=positive_int, help="save and stop at this step, keeping the max-steps schedule")
+    s.add_argument("--stop-at-step", type=positive_int,
+                   help="save and stop at this step, keeping the max-steps schedule")
     s.add_argument("--batch-size", type=positive_int)
     s.add_argument("--lr", type=positive_float, help="peak learning rate")
     s.add_argument("--batch-mode", choices=["pad", "packed"])

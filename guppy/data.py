@@ -36,7 +36,8 @@ SPECIAL_TOKENS = [PAD, IM_START, IM_END]
 PAD_ID, IM_START_ID, IM_END_ID = 0, 1, 2
 IGNORE = -100  # target id that carries no loss (F.cross_entropy's default ignore_index)
 DATA_FILES = ("train.jsonl", "eval.jsonl", "tokenizer.json", "meta.json")
-ARRAY_FILES = tuple(f"{split}.{kind}.npy" for split in ("train", "eval") for kind in ("tokens", "offsets", "prompt_len"))
+ARRAY_FILES = tuple(f"{split}.{kind}.npy" for split in ("train", "eval")
+                    for kind in ("tokens", "offsets", "prompt_len"))
 # A model sees max_seq_len tokens (128 for guppy-9m: a few hundred characters), so a longer conversation is cut in
 # training anyway. The bound keeps one pasted blob from stalling prepare: BPE training is quadratic in the length of
 # a word, and a 5 MB one-word line had not finished after 150 s.
@@ -172,7 +173,8 @@ def read_meta(data_dir: str) -> dict:
     try:
         meta = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GuppyError(f"{path}: damaged, not valid JSON ({one_line(e)}); run `guppy prepare --force` again") from None
+        raise GuppyError(f"{path}: damaged, not valid JSON ({one_line(e)}); "
+                         "run `guppy prepare --force` again") from None
     if not isinstance(meta, dict):
         raise GuppyError(f"{path}: damaged, expected a JSON object; run `guppy prepare --force` again")
     return meta
@@ -350,7 +352,9 @@ class Batch:
     n_conversations: int = 0                   # whole conversations in the batch (counted on the host)
 
     def to(self, device, non_blocking=False):
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
         return Batch(move(self.idx), move(self.targets), move(self.segment_ids), move(self.positions),
                      self.n_conversations)
 

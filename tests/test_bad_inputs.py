@@ -190,7 +190,8 @@ def fill(d, leave_bytes):
 DAMAGES = {
     "truncated": lambda p: open(p, "r+b").truncate(20),
     "empty object": lambda p: open(p, "w").write("{}"),
-    "names a missing checkpoint": lambda p: open(p, "w").write('{"checkpoint": "checkpoints/step-0000099", "step": 99}'),
+    "names a missing checkpoint":
+        lambda p: open(p, "w").write('{"checkpoint": "checkpoints/step-0000099", "step": 99}'),
     "deleted": os.remove,
 }
 
@@ -752,7 +753,9 @@ def test_ctrl_c_during_prepare_leaves_nothing(tmp_path):
     out = tmp_path / "d"
     proc = subprocess.Popen([sys.executable, "-m", "guppy", "prepare", "--out", str(out), "--samples", "60000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    working = lambda: any(n.startswith(".guppy-prepare-") for n in os.listdir(tmp_path))
+    def working():
+        return any(n.startswith(".guppy-prepare-") for n in os.listdir(tmp_path))
+
     assert_one_line(_interrupt_when(proc, working), 130, "guppy prepare: interrupted")
     assert os.listdir(tmp_path) == []
 

@@ -42,7 +42,7 @@ def test_typed_control_tokens_stay_text(tiny, typed):
     ids = encode_prompt_ids(tok, typed)
     assert ids.count(IM_START_ID) == 2 and ids.count(IM_END_ID) == 1 and 0 not in ids  # the template's own only
     assert tok.decode(ids[1:ids.index(IM_END_ID)]) == f"user\n{typed}"                 # the text, as typed
-    assert tok.encode_special_tokens is False                                            # the tokenizer is left as found
+    assert tok.encode_special_tokens is False  # the tokenizer is left as found
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,12 @@ from guppy.reference import linear_cross_entropy_reference
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
 if HAS_BF16:
     DTYPES.append((torch.bfloat16, 1e-2, 1e-2))
-DTYPE_IDS = lambda v: str(v).replace("torch.", "")
+
+
+def DTYPE_IDS(v):
+    return str(v).replace("torch.", "")
+
+
 SHAPES = [(1, 1), (3, 7), (17, 300), (5, 4097), (2, 32003)]
 REDUCTIONS = ["mean", "sum", "none"]
 

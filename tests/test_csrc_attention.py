@@ -4,7 +4,8 @@ CPU tensors run the kernel source of csrc/attention.cu compiled for the host and
 (csrc/cuda_emu.h); with a GPU the same cases also run the nvcc build.
 
 Reference: F.scaled_dot_product_attention in fp32 on the same fp16 inputs (explicit bool mask from
-guppy.reference.attention_mask for segments), or, with dropout, the same math written out with the regenerated keep mask.
+guppy.reference.attention_mask for segments), or, with dropout, the same math written out with the regenerated
+keep mask.
 Tolerance: TOL_MULT x the error that the plain PyTorch path makes in fp16 (attention_reference on the fp16 inputs,
 computed in fp16 with fp16 autograd) against that fp32 reference, measured per case and per output, with an absolute
 floor of ABS_FLOOR x (1 + the largest |ref| of any output of the case) for tiny cases only: at T = 1 the fp16 path is

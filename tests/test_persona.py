@@ -56,7 +56,8 @@ def test_shipped_replies_hit_their_keywords_and_stay_short(guppy):
         assert s["output"] == " ".join(words) and "{" not in s["output"] and "}" not in s["output"], s
         text = " " + " ".join(w.strip(".,!?:*'") for w in words) + " "
         n[s["category"]] = n.get(s["category"], 0) + 1
-        hits[s["category"]] = hits.get(s["category"], 0) + any(f" {k} " in text for k in by_topic[s["category"]].keywords)
+        keywords = by_topic[s["category"]].keywords
+        hits[s["category"]] = hits.get(s["category"], 0) + any(f" {k} " in text for k in keywords)
     assert set(n) == set(by_topic)  # every topic gets sampled
     for name in n:
         assert hits[name] / n[name] >= 0.7, (name, hits[name] / n[name])
@@ -198,7 +199,8 @@ BAD = {
                         "invalid placeholder {two words}"),
     "self_recursion": ('[slots]\na = ["{a}"]\n' + HEAD + GOOD_TOPIC, "placeholders nest one level deep only"),
     "deep_nesting": ('[slots]\na = ["x"]\nb = ["{a}"]\nc = ["{b}"]\n' + HEAD + GOOD_TOPIC, "one level deep only"),
-    "nested_missing": ('[slots]\nb = ["{nope}"]\n' + HEAD + GOOD_TOPIC, "slot {b} uses slot {nope} which is not defined"),
+    "nested_missing": ('[slots]\nb = ["{nope}"]\n' + HEAD + GOOD_TOPIC,
+                       "slot {b} uses slot {nope} which is not defined"),
     "no_persona": (GOOD_TOPIC, "no [persona] table"),
     "not_utf8": (None, "not UTF-8"),
 }

@@ -147,10 +147,14 @@ def test_muon_under_cuda_graphs_gets_one_lr_tensor_per_group():
 @pytest.mark.parametrize("optimizer,schedule", [("muon", "wsd"), ("muon", "cosine"), ("adamw", "wsd")])
 def test_resume_is_exact_with_each_recipe(data_dir, tmp_path, optimizer, schedule):
     """Stopping at step 7 and resuming gives the same losses and weights as never stopping (dropout on)."""
-    cfg = lambda: TrainConfig(batch_size=8, max_steps=16, lr=3e-3, warmup_steps=4, eval_every=5, eval_batches=2,
-                              log_every=1, save_every=100, batch_mode="packed", optimizer=optimizer,
-                              schedule=schedule, decay_fraction=0.5, muon_weight_decay=0.1)
-    mc = lambda: ModelConfig(**MINI, dropout=0.1)
+    def cfg():
+        return TrainConfig(batch_size=8, max_steps=16, lr=3e-3, warmup_steps=4, eval_every=5, eval_batches=2,
+                           log_every=1, save_every=100, batch_mode="packed", optimizer=optimizer,
+                           schedule=schedule, decay_fraction=0.5, muon_weight_decay=0.1)
+
+    def mc():
+        return ModelConfig(**MINI, dropout=0.1)
+
     full, pieces = str(tmp_path / "full"), str(tmp_path / "pieces")
     train(data_dir, full, mc(), cfg(), device="cpu", progress=False, log=quiet)
     train(data_dir, pieces, mc(), cfg(), device="cpu", stop_at_step=7, progress=False, log=quiet)
@@ -182,6 +186,17 @@ def run_bench(*args, timeout=600):
     r = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout)
     return r
+
+
+def test_bench_recipe_refuses_a_bad_target_file_in_one_line_before_preparing_data(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"variants": []}')
+    for target, says in ((bad, f"--target-from {bad}: no finite target_eval_loss"),
+                         (tmp_path / "none.json", "cannot read it")):
+        r = run_bench("recipe", "--target-from", str(target), "--work", str(tmp_path / "work"), timeout=120)
+        assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "work").exists()  # refused before any data was prepared
 
 
 def test_bench_recipe_smoke_writes_schema_plot_and_stops_at_target(tmp_path):

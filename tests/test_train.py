@@ -61,9 +61,14 @@ def test_metrics_count_data_seen_and_keep_saves_out_of_elapsed(data_dir, tmp_pat
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(ckpt_lib, "save_checkpoint", slow_save)
-    cfg = lambda: TrainConfig(batch_size=8, max_steps=12, warmup_steps=2, eval_every=4, eval_batches=1, log_every=4,
-                              save_every=2, batch_mode="packed")
-    run, mc = str(tmp_path / "run"), lambda: ModelConfig(**{**MINI, "max_seq_len": 128})
+    def cfg():
+        return TrainConfig(batch_size=8, max_steps=12, warmup_steps=2, eval_every=4, eval_batches=1, log_every=4,
+                           save_every=2, batch_mode="packed")
+
+    def mc():
+        return ModelConfig(**{**MINI, "max_seq_len": 128})
+
+    run = str(tmp_path / "run")
     train(data_dir, run, mc(), cfg(), device="cpu", stop_at_step=8, progress=False, log=quiet)
     wall = time.perf_counter()
     summary = train(data_dir, run, mc(), cfg(), device="cpu", resume=True, progress=False, log=quiet)
@@ -107,9 +112,13 @@ def test_on_eval_can_end_the_run_with_a_checkpoint(data_dir, tmp_path):
 @pytest.mark.parametrize("mode", ["pad", "packed"])
 def test_resume_is_exact(data_dir, tmp_path, mode):
     """Stopping at step 7 and resuming gives the same losses and weights as never stopping (dropout on)."""
-    cfg = lambda: TrainConfig(batch_size=8, max_steps=16, lr=3e-3, warmup_steps=4, eval_every=5, eval_batches=2,
-                              log_every=1, save_every=100, batch_mode=mode)
-    mc = lambda: ModelConfig(**MINI, dropout=0.1)
+    def cfg():
+        return TrainConfig(batch_size=8, max_steps=16, lr=3e-3, warmup_steps=4, eval_every=5, eval_batches=2,
+                           log_every=1, save_every=100, batch_mode=mode)
+
+    def mc():
+        return ModelConfig(**MINI, dropout=0.1)
+
     full, pieces = str(tmp_path / "full"), str(tmp_path / "pieces")
     train(data_dir, full, mc(), cfg(), device="cpu", progress=False, log=quiet)
     train(data_dir, pieces, mc(), cfg(), device="cpu", stop_at_step=7, progress=False, log=quiet)

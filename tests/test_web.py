@@ -50,8 +50,9 @@ def ort_web_dist() -> str:
         if r.returncode != 0:
             missing(f"npm pack onnxruntime-web@{ORT_WEB_VERSION} failed: {r.stderr.strip()[-300:]}")
         with tarfile.open(os.path.join(CACHE, r.stdout.strip().splitlines()[-1])) as tar:
-            tar.extractall(CACHE, members=[m for m in tar.getmembers() if m.name.startswith("package/")
-                                           and ("/" not in m.name[len("package/dist/"):] or m.name == "package/package.json")])
+            wanted = [m for m in tar.getmembers() if m.name.startswith("package/")
+                      and ("/" not in m.name[len("package/dist/"):] or m.name == "package/package.json")]
+            tar.extractall(CACHE, members=wanted)
     return dist
 
 
@@ -150,7 +151,8 @@ def tokenizer_corpus(data_dir: str, n_random: int = 150) -> list[str]:
     scripts, control characters), and random strings over a mixed alphabet."""
     from guppy.data import read_jsonl
 
-    rows = read_jsonl(os.path.join(data_dir, "eval.jsonl"))[:30] + read_jsonl(os.path.join(data_dir, "train.jsonl"))[:50]
+    rows = (read_jsonl(os.path.join(data_dir, "eval.jsonl"))[:30]
+            + read_jsonl(os.path.join(data_dir, "train.jsonl"))[:50])
     corpus = [r["input"] for r in rows] + [r["output"] for r in rows]
     corpus += ["Hello World!", "I'M SHOUTING", "don't you'll we've I'd", "héllo wörld", "日本語のテキスト",
                "emoji 🐟🐠🐡 fish", "👨‍👩‍👧 family", "🏳️‍🌈", "tabs\tand\nnewlines\r\n", "  leading and trailing  ",
