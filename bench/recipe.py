@@ -55,7 +55,8 @@ VARIANTS: dict[str, dict | None] = {
     "muon-adam2.4e-3": dict(dropout=0.0, optimizer="muon", muon_lr=0.02, lr=2.4e-3, min_lr=2.4e-4),
     "muon-lr0.04": dict(dropout=0.0, optimizer="muon", muon_lr=0.04, lr=1.2e-3, min_lr=1.2e-4),
     "muon-wsd": dict(dropout=0.0, optimizer="muon", muon_lr=0.02, lr=1.2e-3, min_lr=1.2e-4, schedule="wsd"),
-    "muon-1000": dict(dropout=0.0, optimizer="muon", muon_lr=0.02, lr=1.2e-3, min_lr=1.2e-4, max_steps=1000),
+    "muon-lr0.01-adam2.4e-3": dict(dropout=0.0, optimizer="muon", muon_lr=0.01, lr=2.4e-3, min_lr=2.4e-4),
+    "muon-1000": dict(dropout=0.0, optimizer="muon", muon_lr=0.02, lr=2.4e-3, min_lr=2.4e-4, max_steps=1000),
 }
 SMOKE_VOCAB = 512
 SCHEMA_VARIANT_KEYS = ("name", "steps_to_target", "conversations_to_target", "seconds_to_target", "final_eval_loss",

@@ -281,6 +281,9 @@ def build_parser():
     return p
 
 
+COMMANDS = ("prepare", "train", "chat", "eval", "export", "serve", "info", "targets", "build-ext")
+
+
 def _quiet_torch_cuda_probe():
     """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when it is imported on a machine
     with nvcc and no GPU. guppy says what that means in its own words (build-ext's one-line error, `guppy info`), so
@@ -292,7 +295,9 @@ def _quiet_torch_cuda_probe():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     _quiet_torch_cuda_probe()
-    command = "guppy"
+    # The command's name before parsing: building the parser imports torch (the --ops choices), and a Ctrl-C there
+    # is still "guppy chat: interrupted". A name parse_args would refuse is not used.
+    command = f"guppy {argv[0]}" if argv[:1] and argv[0] in COMMANDS else "guppy"
     try:
         if argv[:1] == ["targets"]:  # its options belong to guppy.targets, which parses them itself
             from . import targets

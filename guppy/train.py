@@ -336,6 +336,9 @@ def start_run(data: TrainData, out_dir: str, model_cfg: ModelConfig | None, cfg:
             raise GuppyError(f"{out_dir}: already holds a training run ({', '.join(found[:3])}); pass --resume to "
                              "continue it, or choose another --out")
     model_cfg = dataclasses.replace(model_cfg, ops=ops or model_cfg.ops)
+    if model_cfg.ops not in IMPLEMENTATIONS:  # a resumed run's config.json, or train() called with a bad name
+        where = f"{ckpt_dir}/config.json: " if resume and not ops else ""
+        raise GuppyError(f"{where}unknown ops {model_cfg.ops!r}; choose one of: {', '.join(IMPLEMENTATIONS)}")
     if IMPLEMENTATIONS[model_cfg.ops].triton and dev.type == "cpu" \
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise GuppyError(f"--ops {model_cfg.ops} runs Triton kernels, which need a CUDA GPU (or TRITON_INTERPRET=1 "

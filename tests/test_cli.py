@@ -150,3 +150,13 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(trained, tmp_path):
     r = guppy("train", "--data", data, "--out", run, "--preset", "tiny", "--device", "cpu", "--max-steps",
               str(step + 2), "--resume", "--quiet")
     assert r.returncode == 0 and f"steps {step} -> {step + 2}" in r.stdout, r.stderr
+
+
+def test_command_names_known_before_parsing_are_the_parsers():
+    """main() names the command before the parser is built (a Ctrl-C there says "guppy chat: interrupted"); that
+    list must be the parser's own."""
+    import argparse
+
+    from guppy.cli import COMMANDS, build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert tuple(sub.choices) == COMMANDS

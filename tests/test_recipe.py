@@ -238,6 +238,6 @@ def test_bench_recipe_refuses_a_target_measured_on_other_data(data_dir, tmp_path
     assert r.returncode != 0 and "eval.jsonl differs" in r.stderr and "Traceback" not in r.stderr
     ref.write_text("{}")
     r = run_bench("recipe", "--target-from", str(ref), "--data", data_dir)
-    assert r.returncode != 0 and "no target_eval_loss" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "no finite target_eval_loss" in r.stderr and "Traceback" not in r.stderr
     r = run_bench("recipe", "--target-from", str(ref), "--variants", "fast,nope")
     assert r.returncode != 0 and "unknown variant 'nope'" in r.stderr
