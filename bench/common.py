@@ -92,3 +92,16 @@ def model_flops_per_token(cfg, seq_len: float) -> float:
     is not), plus attention's 12·L·d·T_ctx (causal halves the 6·2·... of full attention; T_ctx = mean context)."""
     n_matmul = cfg.n_layers * (4 * cfg.d_model ** 2 + 2 * cfg.d_model * cfg.ffn_hidden) + cfg.vocab_size * cfg.d_model
     return 6 * n_matmul + 6 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend, or None (and one line saying so) when matplotlib is not
+    installed: a benchmark's numbers never depend on its plot."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install guppy[bench]): no plot")
+        return None
+    return plt

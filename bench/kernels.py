@@ -21,7 +21,7 @@ import torch
 from guppy import reference
 from guppy.ops import get_ops
 
-from .common import default_result_path, environment, write_result
+from .common import default_result_path, environment, pyplot, write_result
 
 
 @dataclass
@@ -237,11 +237,8 @@ def measure(case: Case, copy_gbs: float) -> dict:
 
 
 def plot(result, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     groups = {}
     for r in result["rows"]:

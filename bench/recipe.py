@@ -29,7 +29,7 @@ from guppy.config import ModelConfig, TrainConfig, preset
 from guppy.data import prepare
 from guppy.train import train
 
-from .common import RESULTS_DIR, environment, slug, write_result
+from .common import RESULTS_DIR, environment, pyplot, slug, write_result
 from .reference_curve import data_fingerprint, proxy_configs, read_target
 
 # name -> overrides of BASE, the recipe guppy-9m-fast had before this sweep (AdamW 6e-4 -> 6e-5 cosine, 100 warm-up,
@@ -136,13 +136,10 @@ def smoke_reference(data, work, dev) -> tuple[dict, str]:
 
 
 def plot(result, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install guppy[bench]): no plot")
+    plt = pyplot()
+    if plt is None:
         return None
+    from matplotlib import ticker
     fig, ax = plt.subplots(figsize=(8, 4.8))
     ref = result.get("reference_points") or []
     if ref:
@@ -156,8 +153,8 @@ def plot(result, path):
     ax.set_xlabel("conversations seen")
     ax.set_ylabel("held-out loss")
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+    ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.1f"))
     ax.set_title(f"bench recipe, {result['size']} size | {result['device']} | torch {result['torch']}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

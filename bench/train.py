@@ -39,7 +39,8 @@ from guppy.config import ModelConfig, TrainConfig, preset
 from guppy.data import prepare
 from guppy.train import train, uses_cuda_graphs
 
-from .common import environment, model_flops_per_token, peak_note, peak_tflops, result_path, slug, write_result
+from .common import (environment, model_flops_per_token, peak_note, peak_tflops, pyplot, result_path, slug,
+                     write_result)
 from .reference_curve import data_fingerprint, read_target
 
 RUNS = ("reference", "reference+compile", "reference+sdpa", "guppy-fast")
@@ -126,12 +127,8 @@ def reach_target(row: dict, target: float) -> dict:
 
 
 def plot(result, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install guppy[bench]): no plot")
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for run in result["runs"]:

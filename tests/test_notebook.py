@@ -8,23 +8,15 @@ import os
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from notebook_cells import code_cells  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "benchmark.ipynb")
 
 
 def test_notebook_is_valid_and_runs_top_to_bottom(tmp_path):
-    nb = json.load(open(NOTEBOOK))
-    assert nb["nbformat"] == 4 and nb["cells"]
-    code = []
-    for cell in nb["cells"]:
-        assert cell["cell_type"] in ("markdown", "code")
-        if cell["cell_type"] == "code":
-            assert cell["outputs"] == [] and cell["execution_count"] is None, "commit the notebook without outputs"
-            src = "".join(cell["source"])
-            assert not any(line.lstrip().startswith(("!", "%")) for line in src.splitlines()), \
-                "use sh() instead of IPython magics, so the notebook runs as plain Python"
-            compile(src, f"cell {len(code)}", "exec")
-            code.append(src)
+    code = code_cells(NOTEBOOK)
     script = tmp_path / "notebook.py"
     script.write_text("\n\n".join(code))
     # the notebook runs `guppy ...` through the shell, as on Colab where pip puts it on PATH. Here the command lives

@@ -1,28 +1,18 @@
 """notebooks/train-your-character.ipynb runs top to bottom on the CPU, smoke-sized, as CI runs the benchmark
 notebook (tests/test_notebook.py): its code cells, in order, in one fresh interpreter."""
-import json
 import os
 import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import notebook_cells  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "train-your-character.ipynb")
 
 
 def code_cells() -> list[str]:
-    nb = json.load(open(NOTEBOOK))
-    assert nb["nbformat"] == 4 and nb["cells"]
-    cells = []
-    for cell in nb["cells"]:
-        assert cell["cell_type"] in ("markdown", "code")
-        if cell["cell_type"] == "code":
-            assert cell["outputs"] == [] and cell["execution_count"] is None, "commit the notebook without outputs"
-            src = "".join(cell["source"])
-            assert not any(line.lstrip().startswith(("!", "%")) for line in src.splitlines()), \
-                "use sh() instead of IPython magics, so the notebook runs as plain Python"
-            compile(src, f"cell {len(cells)}", "exec")
-            cells.append(src)
-    return cells
+    return notebook_cells.code_cells(NOTEBOOK)
 
 
 def test_notebook_starts_with_the_repository_form_field():

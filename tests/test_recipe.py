@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from guppy import ModelConfig, TrainConfig
-from guppy.checkpoint import load_model, read_pointer
 from guppy.data import prepare
 from guppy.model import GuppyLM
 from guppy.muon import Muon, orthogonalize
@@ -143,34 +142,7 @@ def test_muon_under_cuda_graphs_gets_one_lr_tensor_per_group():
     assert lrs[0].item() == pytest.approx(0.01) and lrs[1].item() == pytest.approx(5e-4)
 
 
-# --- training with the knobs ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("optimizer,schedule", [("muon", "wsd"), ("muon", "cosine"), ("adamw", "wsd")])
-def test_resume_is_exact_with_each_recipe(data_dir, tmp_path, optimizer, schedule):
-    """Stopping at step 7 and resuming gives the same losses and weights as never stopping (dropout on)."""
-    def cfg():
-        return TrainConfig(batch_size=8, max_steps=16, lr=3e-3, warmup_steps=4, eval_every=5, eval_batches=2,
-                           log_every=1, save_every=100, batch_mode="packed", optimizer=optimizer,
-                           schedule=schedule, decay_fraction=0.5, muon_weight_decay=0.1)
-
-    def mc():
-        return ModelConfig(**MINI, dropout=0.1)
-
-    full, pieces = str(tmp_path / "full"), str(tmp_path / "pieces")
-    train(data_dir, full, mc(), cfg(), device="cpu", progress=False, log=quiet)
-    train(data_dir, pieces, mc(), cfg(), device="cpu", stop_at_step=7, progress=False, log=quiet)
-    assert read_pointer(pieces, "latest")["step"] == 7
-    train(data_dir, pieces, mc(), cfg(), device="cpu", resume=True, progress=False, log=quiet)
-
-    def losses(run):
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            return [(m["step"], m.get("train_loss"), m.get("eval_loss")) for m in map(json.loads, f)
-                    if "train_loss" in m or "eval_loss" in m]
-
-    assert losses(full) == losses(pieces)
-    wa, wb = (load_model(r, prefer="latest")[0].state_dict() for r in (full, pieces))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
+# --- training with the knobs (exact resume with each: tests/test_train.py::test_resume_is_exact) ---------------------
 def test_muon_trains(data_dir, tmp_path):
     cfg = TrainConfig(batch_size=16, max_steps=40, lr=3e-3, warmup_steps=5, eval_every=20, eval_batches=4,
                       log_every=10, batch_mode="packed", optimizer="muon", muon_lr=0.02)

@@ -109,12 +109,16 @@ def test_on_eval_can_end_the_run_with_a_checkpoint(data_dir, tmp_path):
     assert seen[1]["eval_loss"] == [m for m in metrics(run) if "eval_loss" in m][-1]["eval_loss"]
 
 
-@pytest.mark.parametrize("mode", ["pad", "packed"])
-def test_resume_is_exact(data_dir, tmp_path, mode):
-    """Stopping at step 7 and resuming gives the same losses and weights as never stopping (dropout on)."""
+@pytest.mark.parametrize("mode,optimizer,schedule", [("pad", "adamw", "cosine"), ("packed", "adamw", "cosine"),
+                                                     ("packed", "muon", "wsd"), ("packed", "muon", "cosine"),
+                                                     ("packed", "adamw", "wsd")])
+def test_resume_is_exact(data_dir, tmp_path, mode, optimizer, schedule):
+    """Stopping at step 7 and resuming gives the same losses and weights as never stopping (dropout on), with each
+    batching mode, optimizer (Muon's momentum buffers are in the checkpoint too) and schedule."""
     def cfg():
         return TrainConfig(batch_size=8, max_steps=16, lr=3e-3, warmup_steps=4, eval_every=5, eval_batches=2,
-                           log_every=1, save_every=100, batch_mode=mode)
+                           log_every=1, save_every=100, batch_mode=mode, optimizer=optimizer, schedule=schedule,
+                           decay_fraction=0.5, muon_weight_decay=0.1)
 
     def mc():
         return ModelConfig(**MINI, dropout=0.1)
