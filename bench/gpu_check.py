@@ -10,6 +10,11 @@ machine or a fresh one (time to quality, <= 9 min; its JSON is rewritten after e
 If gpu-check's `step` figures project the reference run (10,000 pad steps) over ~130 s, split the second in two calls:
 `--runs reference,reference+sdpa --out $OUT`, commit that JSON under bench/results/, then
 `--runs reference+compile,guppy-fast --target-from bench/results/<that file> --out $OUT`.
+Then the recipe sweep (issue 12; every variant of bench/recipe.py at full size, <= 8 min, timeout_s=600), against the
+committed reference curve, on data prepared as that curve's was (the tool checks the fingerprint):
+    python3 -m pip install -q --no-deps --no-build-isolation -e . && python3 -m guppy prepare --out /tmp/d && \
+        python3 -u -m bench recipe --data /tmp/d --out $OUT/recipe.json --no-progress \
+        --target-from bench/results/reference-curve-guppy-9m-cpu-x86-64-2-cores-2026-11-26.json
 
 Stages, each a child process (`python -m bench gpu-check --stage NAME`) with its own timeout, so a hang or a crash
 in one is recorded and the next one runs. Budgets are timeouts, sized for an H100 from estimates (no GPU has run
