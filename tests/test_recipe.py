@@ -213,3 +213,29 @@ def test_bench_recipe_refuses_a_target_measured_on_other_data(data_dir, tmp_path
     assert r.returncode != 0 and "no finite target_eval_loss" in r.stderr and "Traceback" not in r.stderr
     r = run_bench("recipe", "--target-from", str(ref), "--variants", "fast,nope")
     assert r.returncode != 0 and "unknown variant 'nope'" in r.stderr
+
+
+def test_committed_reference_curves_are_targets_for_default_data(tmp_path):
+    """The committed reference curves (bench/results/reference-curve-*.json) are the targets a GPU session reads
+    with --target-from, on data it prepares with `guppy prepare`'s defaults: that data must be theirs, byte for byte,
+    and the file the docs name must be one of them."""
+    import glob
+    import re
+
+    from bench.reference_curve import data_fingerprint, read_target
+    curves = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "reference-curve-*.json")))
+    assert curves
+    r = subprocess.run([sys.executable, "-m", "guppy", "prepare", "--out", str(tmp_path / "d")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ours = data_fingerprint(str(tmp_path / "d"))
+    for path in curves:
+        ref = read_target(path)
+        assert 0 < ref["target_eval_loss"] < 10 and ref["eval_loss_stderr"] < 0.01, path
+        for key in ("sha256_train.jsonl", "sha256_eval.jsonl", "sha256_tokenizer.json", "n_train", "n_eval"):
+            assert ref["data"][key] == ours[key], (path, key)
+    names = {os.path.basename(p) for p in curves}
+    for doc in ("bench/gpu_check.py", "notes/recipe.md"):
+        with open(os.path.join(ROOT, doc)) as f:
+            cited = set(re.findall(r"reference-curve-[\w.-]+?\.json", f.read()))
+        assert cited and cited <= names, (doc, cited - names)
