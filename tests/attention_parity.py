@@ -23,6 +23,13 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 
+
+def case_id(case) -> str:
+    """pytest id of a (T, D, causal, dtype, segments, (B, H)) case: T17-D128-full-float16-seg."""
+    T, D, causal, dtype, seg, _ = case
+    return f"T{T}-D{D}-{'causal' if causal else 'full'}-{str(dtype)[6:]}{'-seg' if seg else ''}"
+
+
 def packed_segments(B, T, gen, n_max=4):
     """(B, T) non-decreasing ids of uneven packed conversations (1..n_max per row)."""
     rows = []

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import guppy.kernels.gemm_softmax as GS
-from attention_parity import GPU_DTYPES, model_parity, needs_gpu, run_and_compare
+from attention_parity import GPU_DTYPES, case_id, model_parity, needs_gpu, run_and_compare
 from guppy.kernels.attention import attention
 from guppy.kernels.gemm_softmax import gemm_softmax_attention
 
@@ -28,9 +28,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("T,D,causal,dtype,seg,bh", CASES,
-                         ids=[f"T{c[0]}-D{c[1]}-{'causal' if c[2] else 'full'}-{str(c[3])[6:]}"
-                              f"{'-seg' if c[4] else ''}" for c in CASES])
+@pytest.mark.parametrize("T,D,causal,dtype,seg,bh", CASES, ids=[case_id(c) for c in CASES])
 def test_forward_backward(T, D, causal, dtype, seg, bh):
     run_and_compare(bh[0], bh[1], T, D, causal, dtype, seg, fn=gemm_softmax_attention)
 
