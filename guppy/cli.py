@@ -15,7 +15,7 @@ import math
 import os
 import sys
 
-from .errors import GuppyError, one_line, os_error_line
+from .errors import GuppyError, exit_interrupted, one_line, os_error_line
 
 # TrainConfig fields that `guppy train` sets from an option of the same name
 TRAIN_OPTIONS = ("max_steps", "batch_size", "lr", "batch_mode", "loss_on", "eval_every", "save_every", "log_every",
@@ -306,8 +306,7 @@ def main(argv=None):
         command = f"guppy {args.command}"
         args.func(args)
     except KeyboardInterrupt:
-        print(f"{command}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        exit_interrupted(command)
     except GuppyError as e:
         print(f"{command}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)

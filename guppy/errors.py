@@ -5,6 +5,7 @@ full or read-only disk) becomes `guppy <command>: error: <path or option>: <caus
 a bug and keeps its traceback, so that it gets reported.
 """
 import os
+import sys
 
 
 class GuppyError(Exception):
@@ -26,3 +27,16 @@ def os_error_line(e: OSError) -> str:
 def one_line(text: str) -> str:
     """A message squeezed onto one line (a library's multi-line error text, a path holding a newline)."""
     return " ".join(str(text).split())
+
+
+def exit_interrupted(command: str):
+    """Ctrl-C: say so on one line and exit 130, the code a shell gives a command Ctrl-C stopped.
+
+    The `exec("")` is for CPython. A Ctrl-C that lands while a string `exec` runs (dataclasses and namedtuple build
+    their methods that way, so any import may be inside one) marks the interrupt as unhandled even though it was
+    caught here, and `python -m guppy` would then end by SIGINT (returncode -2) instead of exiting 130. Every string
+    exec clears that mark as it starts, so an empty one makes the exit code the same every time.
+    """
+    print(f"{command}: interrupted", file=sys.stderr)
+    exec("")
+    sys.exit(130)

@@ -51,7 +51,7 @@ import tomllib
 from bisect import bisect
 from dataclasses import dataclass, field
 
-from .errors import GuppyError
+from .errors import GuppyError, exit_interrupted
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # One token of a template: an escaped brace, a {placeholder} (contents checked after), or a brace with no partner.
@@ -451,8 +451,7 @@ def main(argv=None):
         print(f"python -m guppy.persona: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("python -m guppy.persona: interrupted", file=sys.stderr)
-        sys.exit(130)
+        exit_interrupted("python -m guppy.persona")
     print(f"{persona.path}: {len(persona.topics)} topics, 60,000 samples in {time.time() - t0:.2f}s")
     print(stats)
     for s in train[:8]:

@@ -760,6 +760,22 @@ def test_ctrl_c_during_prepare_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_ctrl_c_inside_a_string_exec_still_exits_130(tmp_path):
+    """CPython marks a KeyboardInterrupt raised inside a string exec as unhandled even after guppy catches it, and
+    `python -m` then ends by SIGINT (-2) instead of 130. Dataclasses build their methods with a string exec, so a
+    Ctrl-C during an import can land there: CI saw `guppy prepare` end with -2 that way. Here it lands there always."""
+    (tmp_path / "interrupt_in_exec.py").write_text(
+        "import guppy.cli\n"
+        "class Parser:\n"
+        "    def parse_args(self, argv):\n"
+        "        exec('raise KeyboardInterrupt')\n"
+        "guppy.cli.build_parser = Parser\n"
+        "guppy.cli.main(['prepare'])\n")
+    r = subprocess.run([sys.executable, "-m", "interrupt_in_exec"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert_one_line(r, 130, "guppy prepare: interrupted")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Checkpoints are shared like any other file: modes follow the umask
 # --------------------------------------------------------------------------------------------------------------------
