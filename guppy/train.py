@@ -488,6 +488,7 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig | None, cfg: Train
     Returns a summary dict.
     """
     t_begin = time.perf_counter()
+    group_was_there = dist.is_initialized()  # a caller's own process group is the caller's to destroy
     rank, world, local_rank = ddp_setup(device)
     dev = resolve_device(device)
     if dev.type == "cuda" and world > 1:
@@ -498,7 +499,17 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig | None, cfg: Train
                         log if rank == 0 else lambda *_: None)
         if rank == 0:
             _open_run_dir(out_dir, data, run.step if resume else None)
-        return train_loop(run, data, out_dir, dev, rank, world, stop_at_step, progress, log, on_eval, t_begin)
+        summary = train_loop(run, data, out_dir, dev, rank, world, stop_at_step, progress, log, on_eval, t_begin)
+    if world > 1 and not group_was_there:
+        # The last collective (ddp_max_param_difference's all_reduce) returns before gloo's worker thread has let go
+        # of its tensor, and letting go needs the GIL. A rank with nothing left to do reached interpreter exit first
+        # about one run in three on 2 CPUs: the worker, refused the GIL during finalisation, aborted the process
+        # ("terminate called without an active exception", SIGABRT, after a finished run). The barrier waits with
+        # the GIL released, so the worker finishes first; then the group is destroyed, as torch asks. Only after a
+        # normal finish: on an error or a Ctrl-C another rank may never reach the barrier.
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
 
 
 def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, world: int = 1,
