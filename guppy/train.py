@@ -230,14 +230,30 @@ def ddp_setup(device_name: str):
 
 def ddp_max_param_difference(model) -> float:
     """Largest |p - p on rank 0| over all parameters and ranks: 0.0 when DDP kept the replicas identical."""
-    worst = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        ref = p.detach().clone()
+    refs = [p.detach().clone() for p in model.parameters()]
+    for ref in refs:
         dist.broadcast(ref, 0)
-        worst = torch.maximum(worst, (p.detach() - ref).abs().max().double().cpu())
-    worst = worst.to(next(model.parameters()).device)
+    worst = torch.stack([(p.detach() - ref).abs().max() for p, ref in zip(model.parameters(), refs)]).max().double()
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    wait_for_collectives_to_release(refs + [worst])
     return float(worst)
+
+
+def wait_for_collectives_to_release(tensors, timeout_s: float = 10.0):
+    """Return once the process group's worker threads hold none of `tensors` (or after timeout_s).
+
+    A collective returns a moment before gloo's worker drops its reference to the tensor. If the Python tensor dies
+    first, freeing it is left to the worker, which needs the GIL for that; when the interpreter is already exiting it
+    cannot have it, and the process aborts ("terminate called without an active exception", SIGABRT after a
+    finished run: about one torchrun in four on a busy 2-core machine). Tensors that outlive the worker's reference
+    are freed here, by Python, instead. sleep() releases the GIL while the worker finishes.
+    """
+    if not hasattr(torch.Tensor, "_use_count"):  # an older torch cannot tell: give the worker a moment instead
+        time.sleep(min(timeout_s, 0.05))
+        return
+    deadline = time.monotonic() + timeout_s
+    while any(t._use_count() > 1 for t in tensors) and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -501,12 +517,9 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig | None, cfg: Train
             _open_run_dir(out_dir, data, run.step if resume else None)
         summary = train_loop(run, data, out_dir, dev, rank, world, stop_at_step, progress, log, on_eval, t_begin)
     if world > 1 and not group_was_there:
-        # The last collective (ddp_max_param_difference's all_reduce) returns before gloo's worker thread has let go
-        # of its tensor, and letting go needs the GIL. A rank with nothing left to do reached interpreter exit first
-        # about one run in three on 2 CPUs: the worker, refused the GIL during finalisation, aborted the process
-        # ("terminate called without an active exception", SIGABRT, after a finished run). The barrier waits with
-        # the GIL released, so the worker finishes first; then the group is destroyed, as torch asks. Only after a
-        # normal finish: on an error or a Ctrl-C another rank may never reach the barrier.
+        # Torch asks each process to destroy its group before it exits; the barrier first, so that no rank tears
+        # down while another is still inside a collective. Only after a normal finish: after an error or a Ctrl-C
+        # another rank may never reach the barrier.
         dist.barrier()
         dist.destroy_process_group()
     return summary

@@ -209,6 +209,27 @@ def test_checkpoint_survives_kill_9(tmp_path):
         assert load_file(os.path.join(ckpt, "state.safetensors"))  # the optimiser state is complete too
 
 
+def test_wait_for_collectives_to_release_waits_for_the_other_thread():
+    """The tensors of a finished collective are still held for a moment by the process group's worker thread; the
+    wait returns once that thread lets go (a view stands in for its reference here), and gives up after its timeout."""
+    import threading
+
+    from guppy.train import wait_for_collectives_to_release
+    tensor = torch.zeros(4)
+    held = [tensor.view(2, 2)]  # a view holds a reference to the tensor, as the worker's work object does
+    assert tensor._use_count() > 1
+    threading.Timer(0.2, held.clear).start()
+    t0 = time.monotonic()
+    wait_for_collectives_to_release([tensor])
+    assert tensor._use_count() == 1 and 0.15 < time.monotonic() - t0 < 5
+
+    view = tensor.view(2, 2)  # never let go: the wait ends at its timeout, the tensor still held
+    t0 = time.monotonic()
+    wait_for_collectives_to_release([tensor], timeout_s=0.1)
+    assert 0.1 <= time.monotonic() - t0 < 5 and tensor._use_count() > 1
+    del view
+
+
 def test_ddp_two_gloo_ranks_agree(data_dir, tmp_path):
     import socket
     with socket.socket() as s:  # a port nothing else holds (a fixed one can collide with a lingering socket)
