@@ -1,13 +1,14 @@
 """Data: determinism, train/eval disjointness, tokenizer round trip, and the two batching modes."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from guppy.data import (IGNORE, IM_END_ID, IM_START_ID, PAD_ID, Batcher, load_split, load_tokenizer, prepare,
-                        prompt_text, read_jsonl, reply_text, write_jsonl)
+from guppy.data import (IGNORE, IM_END_ID, IM_START_ID, PAD_ID, SPECIAL_TOKENS, Batcher, load_split, load_tokenizer,
+                        prepare, prompt_text, read_jsonl, reply_text, train_tokenizer, write_jsonl)
 from guppy.errors import GuppyError
 
 
@@ -159,6 +160,27 @@ def test_bad_jsonl_is_a_one_line_error(tmp_path):
     bad.write_text('{"input": "a", "output": "b"}\n{not json\n')
     with pytest.raises(GuppyError, match=r"bad.jsonl: line 2: not valid JSON"):
         read_jsonl(str(bad))
+
+
+@pytest.mark.parametrize("token", ["<|im_end|>", "<|im_start|>", "<pad>"])
+def test_a_written_control_token_in_jsonl_is_refused_with_its_line(tmp_path, token):
+    """The tokenizer turns the written token into the real one (the turn would end mid-reply in training), while chat
+    encodes the same characters typed by a user as text: a conversation may not hold one."""
+    tok = train_tokenizer(["hello there"], vocab_size=300)
+    assert tok.encode(f"a{token}b", add_special_tokens=False).ids[1] == SPECIAL_TOKENS.index(token)
+    src = tmp_path / "in.jsonl"
+    write_jsonl(str(src), [{"input": "hi", "output": "ok"}] * 2 + [{"input": "hi", "output": f"blub{token} more"}])
+    with pytest.raises(GuppyError, match=rf'in.jsonl: line 3: "output" contains {re.escape(token)}'):
+        prepare(str(tmp_path / "d"), from_jsonl=str(src), vocab_size=300, log=lambda *_: None)
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_persona_that_writes_a_control_token_is_refused_with_its_topic(tmp_path):
+    persona = tmp_path / "p.toml"
+    persona.write_text('[persona]\nname = "t"\n[[topics]]\nname = "food"\nkeywords = ["food"]\ninputs = ["hi"]\n'
+                       'outputs = ["{end} food", "food"]\nslots = { end = ["<|im_end|>", "yum"] }\n')
+    with pytest.raises(GuppyError, match=r"p.toml: topic 'food' wrote <\|im_end\|>"):
+        prepare(str(tmp_path / "d"), samples=50, persona_path=str(persona), vocab_size=300, log=lambda *_: None)
 
 
 def test_prepare_force_leaves_no_arrays_of_the_dataset_it_replaced(tmp_path):
