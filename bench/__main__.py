@@ -3,6 +3,9 @@
 Results go to bench/results/ as JSON.
 """
 import argparse
+import sys
+
+from guppy.errors import GuppyError, exit_interrupted, one_line, os_error_line
 
 
 def main(argv=None):
@@ -68,8 +71,16 @@ def main(argv=None):
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--out", help="result JSON (default bench/results/recipe-<size>-<device>-<date>.json, PNG beside)")
     args = p.parse_args(argv)
-    import importlib
-    importlib.import_module(f".{args.command.replace('-', '_')}", __package__).main(args)
+    command = f"python -m bench {args.command}"
+    try:
+        import importlib
+        importlib.import_module(f".{args.command.replace('-', '_')}", __package__).main(args)
+    except KeyboardInterrupt:  # train, recipe and gpu-check have already written the runs that finished
+        exit_interrupted(command)
+    except GuppyError as e:  # exit 1, as the suites' own one-line refusals (SystemExit with a message)
+        sys.exit(f"{command}: error: {one_line(e)}")
+    except OSError as e:  # a path the user gave: missing, unreadable, unwritable, a full disk
+        sys.exit(f"{command}: error: {one_line(os_error_line(e))}")
 
 
 if __name__ == "__main__":

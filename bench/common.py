@@ -6,8 +6,11 @@ import json
 import os
 import platform
 import re
+import tempfile
 
 import torch
+
+from guppy.errors import GuppyError
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -57,6 +60,24 @@ def environment(device=None) -> dict:
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         env["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
     return env
+
+
+def prepared_data(data: str | None, work: str | None = None, **prepare_args) -> str:
+    """The data folder a suite runs on: `data` when it is a prepared one (else a GuppyError that says what is missing,
+    one line at the CLI), or a fresh one prepared with `prepare_args` into work/data (work: a new temporary folder
+    when None)."""
+    from guppy.data import DATA_FILES, prepare
+    if data is None:
+        data = os.path.join(work or tempfile.mkdtemp(prefix="guppy-bench-"), "data")
+        prepare(data, **prepare_args)
+        return data
+    if not os.path.isdir(data):
+        raise GuppyError(f"--data {data}: no such folder (make one with `guppy prepare --out {data}`)")
+    missing = [f for f in (*DATA_FILES, "train.tokens.npy") if not os.path.isfile(os.path.join(data, f))]
+    if missing:
+        raise GuppyError(f"--data {data}: not a prepared data folder (no {', '.join(missing)}; make one with "
+                         f"`guppy prepare --out {data}`)")
+    return data
 
 
 def slug(name: str) -> str:

@@ -26,10 +26,9 @@ import os
 import tempfile
 
 from guppy.config import ModelConfig, TrainConfig, preset
-from guppy.data import prepare
 from guppy.train import train
 
-from .common import RESULTS_DIR, environment, pyplot, slug, write_result
+from .common import RESULTS_DIR, environment, prepared_data, pyplot, slug, write_result
 from .reference_curve import data_fingerprint, proxy_configs, read_target
 
 # name -> overrides of BASE, the recipe guppy-9m-fast had before this sweep (AdamW 6e-4 -> 6e-5 cosine, 100 warm-up,
@@ -200,10 +199,8 @@ def main(args):
         except ValueError as e:
             raise SystemExit(f"bench recipe: --target-from {e}") from None
     work = args.work or tempfile.mkdtemp(prefix="guppy-bench-recipe-")
-    data = args.data or os.path.join(work, "data")
-    if not args.data:
-        prepare(data, samples=1500 if args.smoke else 60_000, seed=1337, vocab_size=SMOKE_VOCAB if args.smoke else 4096,
-                log=print)
+    data = prepared_data(args.data, work, samples=1500 if args.smoke else 60_000, seed=1337,
+                         vocab_size=SMOKE_VOCAB if args.smoke else 4096, log=print)
     if args.smoke:
         ref, target_from = smoke_reference(data, work, dev)
     else:

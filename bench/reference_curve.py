@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from guppy.config import PRESETS, preset
-from guppy.data import IGNORE, eval_batches, load_split, prepare
+from guppy.data import IGNORE, eval_batches, load_split
 from guppy.train import train
 
-from .common import RESULTS_DIR, environment, slug, write_result
+from .common import RESULTS_DIR, environment, prepared_data, slug, write_result
 
 
 # The CPU proxy of issue 12: the cpu-demo preset's model shape (2 layers, d_model 128) with a quarter of the batch
@@ -136,9 +136,7 @@ def main(args):
     dev = resolve_device(args.device)
     env = environment(dev)
     work = args.work or tempfile.mkdtemp(prefix="guppy-reference-curve-")
-    data = args.data or os.path.join(work, "data")
-    if not args.data:
-        prepare(data, samples=args.samples, seed=1337, log=print)
+    data = prepared_data(args.data, work, samples=args.samples, seed=1337, log=print)
     model_cfg, cfg = preset(args.preset)
     model_cfg.ops = "reference"
     if args.proxy:

@@ -9,17 +9,17 @@ on the same data; the first steps are warm-up and not timed. Reports ms per step
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 
 import torch
 
 from guppy.config import preset
-from guppy.data import Batcher, load_split, prepare
+from guppy.data import Batcher, load_split
 from guppy.model import GuppyLM
 from guppy.train import autocast_dtype, make_optimizer, resolve_device, train_step
 
-from .common import default_result_path, environment, model_flops_per_token, peak_tflops, write_result
+from .common import (default_result_path, environment, model_flops_per_token, peak_tflops, prepared_data,
+                     write_result)
 
 
 def sync(dev):
@@ -68,10 +68,7 @@ def time_mode(split, mode, dev, steps, warmup, ops="reference", batch_size=None)
 
 def main(args):
     dev = resolve_device(args.device)
-    data = args.data
-    if data is None:
-        data = tempfile.mkdtemp(prefix="guppy-bench-")
-        prepare(data, samples=args.samples, log=lambda *_: None)
+    data = prepared_data(args.data, samples=args.samples, log=lambda *_: None)
     split = load_split(data, "train")
     steps = args.steps or (10 if dev.type == "cpu" else 100)
     warmup = 3 if dev.type == "cpu" else 20

@@ -36,11 +36,10 @@ import tempfile
 import torch
 
 from guppy.config import ModelConfig, TrainConfig, preset
-from guppy.data import prepare
 from guppy.train import train, uses_cuda_graphs
 
-from .common import (environment, model_flops_per_token, peak_note, peak_tflops, pyplot, result_path, slug,
-                     write_result)
+from .common import (environment, model_flops_per_token, peak_note, peak_tflops, prepared_data, pyplot, result_path,
+                     slug, write_result)
 from .reference_curve import data_fingerprint, read_target
 
 RUNS = ("reference", "reference+compile", "reference+sdpa", "guppy-fast")
@@ -195,9 +194,7 @@ def main(args):
     env = environment(dev)
 
     work = tempfile.mkdtemp(prefix="guppy-bench-train-")
-    data = args.data or os.path.join(work, "data")
-    if not args.data:
-        prepare(data, samples=2000 if args.smoke else 60_000, seed=1337, log=print)
+    data = prepared_data(args.data, work, samples=2000 if args.smoke else 60_000, seed=1337, log=print)
     with open(os.path.join(data, "meta.json")) as f:
         mean_conv_tokens = json.load(f)["tokens_per_conversation"]["mean"]
 

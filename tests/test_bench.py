@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -84,6 +86,30 @@ def test_bench_train_refuses_bad_runs_and_target_files_in_one_line(tmp_path):
                            text=True, timeout=120)
         assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [("step", "--device", "cpu"), ("train", "--smoke"), ("recipe", "--smoke"),
+                                     ("reference-curve", "--device", "cpu")], ids=lambda c: c[0])
+def test_a_bad_data_folder_is_one_line_naming_it(tmp_path, command):
+    for data, says in ((tmp_path / "none", "no such folder"), (tmp_path, "not a prepared data folder (no train.jsonl")):
+        r = subprocess.run([sys.executable, "-m", "bench", *command, "--data", str(data)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+        assert lines[0].startswith(f"python -m bench {command[0]}: error: --data {data}: {says}"), lines[0]
+
+
+def test_ctrl_c_in_a_suite_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C inside a suite: one line and 130, as `guppy` does, not a traceback (the suite raises it here)."""
+    (tmp_path / "interrupt_step.py").write_text(
+        "import bench.__main__, bench.step\n"
+        "def main(args):\n"
+        "    raise KeyboardInterrupt\n"
+        "bench.step.main = main\n"
+        "bench.__main__.main(['step'])\n")
+    r = subprocess.run([sys.executable, "-m", "interrupt_step"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 130 and r.stderr.strip() == "python -m bench step: interrupted", (r.returncode, r.stderr)
 
 
 def test_peak_tflops_matches_exact_device_names():
