@@ -26,6 +26,8 @@ def main(argv=None):
                    help="comma-separated; reference is added unless --target-from gives the target")
     s.add_argument("--target-from", metavar="FILE", help="take target_eval_loss (and its eval setting) from a "
                    "reference-curve or earlier bench-train JSON, so --runs may leave out reference")
+    s.add_argument("--target-rtol", type=float, help="a run reaches the target at eval loss <= target * (1 + this) "
+                   "(default 0.005: within 0.5 %%, about one standard error of its eval; 0 = strict)")
     s.add_argument("--data", help="prepared data folder (default: 60,000 fresh conversations from the fish)")
     s.add_argument("--max-steps", type=int, help="override every run's step count (quick looks, not results)")
     s.add_argument("--smoke", action="store_true", help="tiny model, few steps, on the CPU (CI)")

@@ -16,6 +16,11 @@ The file's eval setting (`eval_batches`; 0 = the whole held-out split) is used t
 target was, and its data fingerprint is checked against this data. The JSON says which runs it holds (`run_names`,
 `partial`) and where its target came from (`target_from`).
 
+A run reaches the target at its first eval within `--target-rtol` (default 0.5 %) of it: eval <= target * 1.005.
+Runs of one recipe whose numerics differ (SDPA, torch.compile, fp16 rounding) do not end at exactly the reference's
+loss, and a strict <= called one of them "not reached" at random (the CPU smoke: reference+compile 4.9753 against
+4.97524). 0.5 % is about one standard error of the 50-batch eval: the reference curve's is 0.00155 over 3,000
+held-out conversations at 0.4698, so about 0.0021 (0.45 %) over these 1,600.
 Each run records the seconds until its eval loss first reaches the target (`seconds_to_target`: from train() start,
 evals included, checkpoint writes left out by train() itself), and beside it `setup_s`, the one-time part of that:
 train() start to the end of the first optimizer step (Triton JIT, the nvcc build and self-check, CUDA-graph capture,
@@ -43,6 +48,7 @@ from .common import (environment, model_flops_per_token, peak_note, peak_tflops,
 from .reference_curve import data_fingerprint, read_target
 
 RUNS = ("reference", "reference+compile", "reference+sdpa", "guppy-fast")
+TARGET_RTOL = 0.005  # reached: eval loss <= target * (1 + TARGET_RTOL); why 0.5 %: the header
 SCHEMA_RUN_KEYS = ("name", "seconds_to_target", "setup_s", "target_eval_loss", "final_eval_loss", "tokens_per_s",
                    "mfu", "peak_mem_mb")
 
@@ -118,9 +124,10 @@ def summarise(name, records, summary, model_cfg, cfg, mean_conv_tokens, device_n
     }
 
 
-def reach_target(row: dict, target: float) -> dict:
-    """seconds_to_target and conversations_to_target: the first eval at or under the target (None: not reached)."""
-    hit = next((p for p in row["eval_curve"] if p["eval_loss"] <= target), None)
+def reach_target(row: dict, target: float, rtol: float = TARGET_RTOL) -> dict:
+    """seconds_to_target and conversations_to_target: the first eval at or under target * (1 + rtol) (None: not
+    reached)."""
+    hit = next((p for p in row["eval_curve"] if p["eval_loss"] <= target * (1 + rtol)), None)
     return {"target_eval_loss": target, "seconds_to_target": round(hit["seconds"], 2) if hit else None,
             "conversations_to_target": hit["conversations"] if hit else None}
 
@@ -160,7 +167,7 @@ def print_table(result, baseline_s):
               f"{s if s is not None else 'not reached':>12} {speedup:>9s} {r['final_eval_loss']:11.4f} "
               f"{r['tokens_per_s']:10,.0f} {f'{mfu:.1%}' if mfu is not None else '-':>7s} "
               f"{mem if mem is not None else '-':>8}")
-    print(f"target eval loss {result['target_eval_loss']}"
+    print(f"target eval loss {result['target_eval_loss']:.4f}, reached within {result['target_rtol']:.1%}"
           + (f" from {result['target_from']['path']}" if result["target_from"] else " (this call's reference run)")
           + f"; MFU peak: {result['peak']}")
 
@@ -186,6 +193,10 @@ def main(args):
         names = plan_runs(args.runs, have_target=bool(args.target_from))
     except ValueError as e:
         raise SystemExit(f"python -m bench train: {e}")
+    rtol = TARGET_RTOL if args.target_rtol is None else args.target_rtol
+    if not 0 <= rtol < 0.5:
+        raise SystemExit(f"python -m bench train: --target-rtol {rtol}: expected a fraction in [0, 0.5) "
+                         "(0.005 = within 0.5 %; 0 = strict)")
     try:
         target_file = read_target_file(args.target_from) if args.target_from else None
     except ValueError as e:
@@ -210,8 +221,9 @@ def main(args):
     _, probe_cfg = run_configs(names[0], args.smoke, eval_batches)
     result = {**env, "benchmark": "time to GuppyLM's held-out loss", "smoke": bool(args.smoke),
               "run_names": names, "partial": set(names) != set(RUNS), "target_from": target_file,
-              "target_eval_loss": target, "eval_batches": probe_cfg.eval_batches, "peak_tflops": peak_tflops(
-                  env["device"]), "peak": peak_note(env["device"]), "data": fingerprint, "runs": []}
+              "target_eval_loss": target, "target_rtol": rtol, "eval_batches": probe_cfg.eval_batches,
+              "peak_tflops": peak_tflops(env["device"]), "peak": peak_note(env["device"]), "data": fingerprint,
+              "runs": []}
     # a smoke run is a check, not a result: it stays out of bench/results/ proper (smoke/ is git-ignored)
     out = result_path(args.out, result, subdir="smoke" if args.smoke else "")
     for name in names:
@@ -232,7 +244,7 @@ def main(args):
         row = summarise(name, read_metrics(run_dir), summary, model_cfg, cfg, mean_conv_tokens, env["device"])
         if target is None:  # no target file: this is the reference run, first in `names`
             target = result["target_eval_loss"] = row["final_eval_loss"]
-        row.update(reach_target(row, target))
+        row.update(reach_target(row, target, rtol))
         result["runs"].append(row)
         write_result(result, out)  # after every run: a call cut short keeps what it finished
 

@@ -31,7 +31,7 @@ def test_bench_train_smoke_writes_schema_and_plot_into_a_folder(tmp_path):
         assert key in result, key
     names = [r["name"] for r in result["runs"]]
     assert names == ["reference", "reference+compile", "reference+sdpa", "guppy-fast"]
-    assert result["partial"] is False and result["target_from"] is None
+    assert result["partial"] is False and result["target_from"] is None and result["target_rtol"] == 0.005
     ref = result["runs"][0]
     assert "skipped" not in ref and ref["target_eval_loss"] == ref["final_eval_loss"] == result["target_eval_loss"]
     assert positive(ref["seconds_to_target"]) and 0 < ref["setup_s"] < ref["seconds_to_target"]
@@ -52,7 +52,7 @@ def test_bench_train_smoke_writes_schema_and_plot_into_a_folder(tmp_path):
         assert run["eval_curve"] and run["final_eval_loss"] == run["eval_curve"][-1]["eval_loss"], run
         assert run["target_eval_loss"] == ref["final_eval_loss"], run
         if run["seconds_to_target"] is None:  # "not reached" must be true
-            assert min(p["eval_loss"] for p in run["eval_curve"]) > run["target_eval_loss"], run
+            assert min(p["eval_loss"] for p in run["eval_curve"]) > run["target_eval_loss"] * 1.005, run
         else:
             assert positive(run["seconds_to_target"]), run
         # MFU needs a GPU's datasheet peak, peak memory the CUDA allocator: numbers on a GPU, None on a CPU
@@ -81,7 +81,8 @@ def test_bench_train_refuses_bad_runs_and_target_files_in_one_line(tmp_path):
     bad.write_text('{"runs": []}')
     for args, says in ((("--runs", "reference,fast"), "--runs 'reference,fast': unknown run(s) fast"),
                        (("--target-from", str(bad)), f"--target-from {bad}: no finite target_eval_loss"),
-                       (("--target-from", str(tmp_path / "none.json")), "cannot read it")):
+                       (("--target-from", str(tmp_path / "none.json")), "cannot read it"),
+                       (("--target-rtol", "5"), "--target-rtol 5.0: expected a fraction in [0, 0.5)")):
         r = subprocess.run([sys.executable, "-m", "bench", "train", "--smoke", *args], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -110,6 +111,20 @@ def test_ctrl_c_in_a_suite_is_one_line_and_exit_130(tmp_path):
     r = subprocess.run([sys.executable, "-m", "interrupt_step"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 130 and r.stderr.strip() == "python -m bench step: interrupted", (r.returncode, r.stderr)
+
+
+def test_a_run_reaches_the_target_within_its_tolerance_only():
+    """The same recipe with other numerics ends a hair off the reference's loss: within 0.5 % is reached, strict is
+    not; and the first eval under the threshold is the one timed."""
+    from bench.train import reach_target
+    row = {"eval_curve": [{"seconds": 1.0, "conversations": 10, "eval_loss": 5.2},
+                          {"seconds": 2.0, "conversations": 20, "eval_loss": 5.01},
+                          {"seconds": 3.0, "conversations": 30, "eval_loss": 4.97531}]}
+    target = 4.975243
+    assert reach_target(row, target, 0.0)["seconds_to_target"] is None
+    assert reach_target(row, target)["seconds_to_target"] == 3.0           # the default, 0.5 %: up to 5.0001
+    assert reach_target(row, target, 0.01) == {"target_eval_loss": target, "seconds_to_target": 2.0,
+                                               "conversations_to_target": 20}
 
 
 def test_peak_tflops_matches_exact_device_names():
