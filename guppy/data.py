@@ -53,11 +53,11 @@ def reply_text(assistant: str) -> str:
     return f"{assistant}{IM_END}"
 
 
-def control_token_in(text: str) -> str | None:
-    """The first of guppy's special tokens written out in `text`, else None. Training text holds them only where the
-    template puts them: the tokenizer would turn a written "<|im_end|>" into the real token and end the turn there,
-    while chat encodes the same characters typed by a user as plain text."""
-    return next((t for t in SPECIAL_TOKENS if t in text), None)
+def control_token_in(row: dict) -> tuple[str, str] | None:
+    """(field, token): the first of guppy's special tokens written out in a conversation's "input" or "output", else
+    None. Training text holds them only where the template puts them: the tokenizer would turn a written "<|im_end|>"
+    into the real token and end the turn there, while chat encodes the same characters typed by a user as text."""
+    return next(((key, t) for key in ("input", "output") for t in SPECIAL_TOKENS if t in row[key]), None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -86,11 +86,10 @@ def read_jsonl(path: str) -> list[dict]:
             if not isinstance(row, dict) or not isinstance(row.get("input"), str) \
                     or not isinstance(row.get("output"), str):
                 raise GuppyError(f"{path}: line {n}: expected an object with string fields \"input\" and \"output\"")
-            for key in ("input", "output"):
-                token = control_token_in(row[key])
-                if token:
-                    raise GuppyError(f"{path}: line {n}: \"{key}\" contains {token}, one of guppy's control tokens, "
-                                     "which only the chat template may place; remove it from the text")
+            found = control_token_in(row)
+            if found:
+                raise GuppyError(f"{path}: line {n}: \"{found[0]}\" contains {found[1]}, one of guppy's control "
+                                 "tokens, which only the chat template may place; remove it from the text")
             length = len(row["input"]) + len(row["output"])
             if length > MAX_CONVERSATION_CHARS:
                 raise GuppyError(f"{path}: line {n}: a conversation of {length:,} characters; the limit is "
@@ -234,9 +233,9 @@ def _prepare_into(tmp, samples, persona_path, seed, eval_fraction, from_jsonl, v
         persona = persona_lib.load_persona(persona_path)
         train_rows, eval_rows, stats = persona_lib.generate_dataset(persona, samples, seed, eval_fraction)
         for row in train_rows + eval_rows:
-            token = next(filter(None, (control_token_in(row[key]) for key in ("input", "output"))), None)
-            if token:
-                raise GuppyError(f"{persona.path}: topic {row['category']!r} wrote {token}, one of guppy's control "
+            found = control_token_in(row)
+            if found:
+                raise GuppyError(f"{persona.path}: topic {row['category']!r} wrote {found[1]}, one of guppy's control "
                                  f"tokens, which only the chat template may place ({row['input']!r} -> "
                                  f"{row['output']!r}); remove it from the persona's text")
         keywords = {t.name: list(t.keywords) for t in persona.topics}
