@@ -23,7 +23,6 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 
-
 def case_id(case) -> str:
     """pytest id of a (T, D, causal, dtype, segments, (B, H)) case: T17-D128-full-float16-seg."""
     T, D, causal, dtype, seg, _ = case
