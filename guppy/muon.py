@@ -14,6 +14,13 @@ bake in the first step's value, and it covers only the matrices, which would mak
 learning rates are whatever `guppy.train.set_lr` puts in the groups (device tensors under CUDA graphs) and no step
 syncs with the host, so the whole step can be captured.
 
+fp16 (T4) and the GradScaler: the optimizer declares `_step_supports_amp_scaling`, as torch's fused AdamW does, so
+`GradScaler.step` hands it `found_inf` (and `grad_scale` when unscale_ was not called) as device tensors instead of
+reading found_inf with `.item()`, a host sync every step. The skip happens on the device: every update is multiplied
+by keep = 1 - found_inf (a momentum lerp by (1-mu)·keep, AdamW's step count by +keep, ...), after the gradients'
+non-finite entries are zeroed in place so that 0·inf cannot make a NaN. A skipped step leaves parameters and state
+exactly as they were, and the whole scaled step can be captured in the training step's CUDA graph.
+
 Each group says which rule it follows: {"muon": True} groups take `lr`, `momentum`, `weight_decay`; the others are
 AdamW groups (`lr`, `betas`, `eps`, `weight_decay`). Muon's update is scaled by sqrt(max(1, rows/cols)), the post's
 rule, so tall and wide matrices move by the same root-mean-square per entry.
@@ -33,11 +40,13 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 def orthogonalize(g: torch.Tensor, steps: int = 5, dtype=torch.float32) -> torch.Tensor:
     """~U V^T of each matrix in g (..., rows, cols) by `steps` quintic Newton-Schulz iterations, computed in dtype."""
     a, b, c = NS_COEFFICIENTS
-    x = g.to(dtype).reshape(-1, *g.shape[-2:])
+    x = g.float().reshape(-1, *g.shape[-2:])
     wide = x.size(-2) <= x.size(-1)
     if not wide:
         x = x.mT  # iterate on the smaller Gram matrix, X X^T
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius norm >= spectral norm: singular values <= 1
+    # Frobenius norm >= spectral norm: singular values <= 1. Normalised in fp32, then cast: an update of 1e-6-sized
+    # entries cast to fp16 first would lose them to subnormals and zero (2 % error at 1e-6, issue 18).
+    x = (x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)).to(dtype)
     for _ in range(steps):
         gram = x @ x.mT
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
@@ -48,6 +57,8 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype=torch.float32) -> torch
 class Muon(torch.optim.Optimizer):
     """Muon on the {"muon": True} groups, AdamW on the others. `ns_dtype`: the Newton-Schulz matmuls' dtype (bf16 or
     fp16 on a GPU, where they are cheap; fp32 on a CPU)."""
+
+    _step_supports_amp_scaling = True  # GradScaler.step passes found_inf / grad_scale as tensors (header)
 
     def __init__(self, params, lr=0.02, momentum=0.95, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, ns_steps=5,
                  ns_dtype=torch.float32):
@@ -64,22 +75,37 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Set by GradScaler.step for the length of this call (torch's contract for amp-aware optimizers): found_inf
+        # is 1.0 where the scaled gradients overflowed; grad_scale is None once unscale_ has run.
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        keep = 1.0 if found_inf is None else 1.0 - found_inf  # 0 (a device tensor) skips the step
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                (self._muon_step if group["muon"] else self._adamw_step)(group, params)
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if grad_scale is not None:
+                torch._foreach_div_(grads, grad_scale)
+            if found_inf is not None:
+                for g in grads:  # in place: 0 · inf would be NaN where keep gates an update
+                    torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            (self._muon_step if group["muon"] else self._adamw_step)(group, params, grads, keep)
         return loss
 
-    def _muon_step(self, group, params):
+    def _muon_step(self, group, params, grads, keep):
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         for p in params:
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        grads, bufs = [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_lerp_(bufs, grads, 1 - mu)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        if torch.is_tensor(keep):
+            torch._foreach_lerp_(bufs, grads, [(1 - mu) * keep] * len(bufs))
+        else:
+            torch._foreach_lerp_(bufs, grads, 1 - mu)
         updates = torch._foreach_lerp(grads, bufs, mu)  # Nesterov: look one momentum step ahead
+        step_lr = lr * keep  # lr and keep may be device tensors: no host sync anywhere
         if wd:
-            torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_mul_(params, 1 - step_lr * wd)
         # Matrices of one shape, tall ones transposed, are orthogonalised together as one batch: GuppyLM's 24 hidden
         # matrices make 3 batches (qkv^T; out; FFN up^T with down).
         batches: dict[tuple, list[int]] = {}
@@ -89,12 +115,12 @@ class Muon(torch.optim.Optimizer):
             tall = [params[i].size(0) > params[i].size(1) for i in idx]
             ortho = orthogonalize(torch.stack([updates[i].T if t else updates[i] for i, t in zip(idx, tall)]),
                                   self.ns_steps, self.ns_dtype)
-            ortho *= lr  # lr may be a device tensor: no host sync anywhere
+            ortho *= step_lr
             for i, t, o in zip(idx, tall, ortho):
                 rows, cols = params[i].shape
                 params[i].sub_(o.T if t else o, alpha=max(1.0, rows / cols) ** 0.5)
 
-    def _adamw_step(self, group, params):
+    def _adamw_step(self, group, params, grads, keep):
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         for p in params:
             state = self.state[p]
@@ -104,18 +130,25 @@ class Muon(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
         states = [self.state[p] for p in params]
-        grads = [p.grad for p in params]
         m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        torch._foreach_add_([s["step"] for s in states], 1)
-        torch._foreach_lerp_(m, grads, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, [keep] * len(steps) if torch.is_tensor(keep) else keep)  # (a list: no .item())
+        if torch.is_tensor(keep):  # each update weighted by keep: a skipped step changes no state
+            torch._foreach_lerp_(m, grads, [(1 - beta1) * keep] * len(m))
+            torch._foreach_mul_(v, beta2 ** keep)
+            torch._foreach_add_(v, torch._foreach_mul(torch._foreach_mul(grads, grads), (1 - beta2) * keep))
+        else:
+            torch._foreach_lerp_(m, grads, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        step_lr = lr * keep
         if wd:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        step = states[0]["step"]  # a group's parameters step together
+            torch._foreach_mul_(params, 1 - step_lr * wd)
+        # a group's parameters step together; at least 1, so that a first step skipped divides by no zero
+        step = states[0]["step"].clamp(min=1)
         denom = torch._foreach_mul(v, 1 / (1 - beta2 ** step))
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, eps)
         update = torch._foreach_div(m, denom)
-        torch._foreach_mul_(update, lr / (1 - beta1 ** step))
+        torch._foreach_mul_(update, step_lr / (1 - beta1 ** step))
         torch._foreach_sub_(params, update)

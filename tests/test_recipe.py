@@ -110,11 +110,15 @@ def test_muon_adamw_groups_step_like_torch_adamw():
             model(idx, idx)[1].backward()
             opt.step()
             opt.zero_grad()
+    assert_same_parameters(ours, theirs)
+
+
+def assert_same_parameters(ours, theirs, atol=1e-6, rtol=1e-5):
     C = MINI["d_model"]
     for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
         if name.endswith("attn.qkv.bias"):  # the key bias's true gradient is 0: its noise is Adam-normalised
             a, b = torch.cat([a[:C], a[2 * C:]]), torch.cat([b[:C], b[2 * C:]])
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
@@ -140,6 +144,80 @@ def test_muon_under_cuda_graphs_gets_one_lr_tensor_per_group():
     set_lr(opt, 5e-4)
     assert [g["lr"] for g in opt.param_groups] == lrs  # the same tensors, refilled
     assert lrs[0].item() == pytest.approx(0.01) and lrs[1].item() == pytest.approx(5e-4)
+
+
+def _scaled_step(model, opt, scaler, idx, grad_clip=1.0):
+    """The fp16 path's finish (guppy.train.train_step, guppy.graphs): scaled backward, unscale, clip, step, update."""
+    scaler.scale(model(idx, idx)[1]).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip, foreach=True)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=False)
+
+
+def _muon_pair():
+    torch.manual_seed(0)
+    models = [GuppyLM(ModelConfig(**MINI, dropout=0.0)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = TrainConfig(optimizer="muon", lr=1e-2, muon_lr=0.02, weight_decay=0.1, decay_all=True)
+    return models, [make_optimizer(m, cfg, CPU) for m in models]
+
+
+def test_muon_under_a_grad_scaler_steps_as_unscaled_and_never_reads_back():
+    """GradScaler.step hands Muon found_inf as a tensor (no .item(): 0 host syncs, counted), and a finite step equals
+    the unscaled optimizer's (the scale is a power of two: unscaling is exact)."""
+    from guppy.syncs import SyncCounter
+
+    (scaled, plain), (opt_s, opt_p) = _muon_pair()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    idx = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        with SyncCounter() as syncs:
+            _scaled_step(scaled, opt_s, scaler, idx)
+        assert syncs.total == 0, syncs.by_op
+        _scaled_step(plain, opt_p, torch.amp.GradScaler("cpu", enabled=False), idx)
+    assert_same_parameters(scaled, plain)
+
+
+def test_muon_skips_an_overflowed_step_on_the_device():
+    """An inf in one gradient: no parameter and no optimizer state changes (bitwise), the scale halves, and the next
+    finite step goes on as if the skipped one had not happened."""
+    (model, twin), (opt, opt_twin) = _muon_pair()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    idx = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    _scaled_step(model, opt, scaler, idx)
+    _scaled_step(twin, opt_twin, torch.amp.GradScaler("cpu", init_scale=2.0 ** 12), idx)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = [{k: v.clone() for k, v in s.items()} for s in opt.state.values()]
+    model.tok_emb.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([3]), float("inf")))
+    hook = model.blocks[0].ffn.up.weight.register_hook(lambda g: g * float("nan"))  # a Muon matrix too
+    _scaled_step(model, opt, scaler, idx)
+    hook.remove()
+    assert scaler.get_scale() == 2.0 ** 11
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for s, s0 in zip(opt.state.values(), state_before):
+        assert all(torch.equal(s[k], s0[k]) for k in s0)
+    model.tok_emb.weight._backward_hooks.clear()
+    _scaled_step(model, opt, scaler, idx)  # halved scale: the same unscaled gradients, the same step as the twin's
+    _scaled_step(twin, opt_twin, torch.amp.GradScaler("cpu", init_scale=2.0 ** 12), idx)
+    assert_same_parameters(model, twin)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-5, 1e-6])
+def test_fp16_newton_schulz_does_not_depend_on_the_update_scale(scale):
+    """Newton-Schulz normalises its input, so its result should not depend on the update's size. Cast to fp16 before
+    normalising, 1e-6-sized entries lost ~2 % to fp16's subnormals (issue 18); normalised in fp32 first, the fp16
+    result is as close to a float64 run of the same iteration at every scale."""
+    g = torch.randn(3, 48, 96, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * scale
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (g.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(5):
+        A = x @ x.mT
+        x = a * x + (b * A + c * A @ A) @ x
+    got = orthogonalize(g.float(), steps=5, dtype=torch.float16).double()
+    assert ((got - x).norm() / x.norm()).item() < 2e-3
 
 
 # --- training with the knobs (exact resume with each: tests/test_train.py::test_resume_is_exact) ---------------------
