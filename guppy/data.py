@@ -376,6 +376,10 @@ class Batch:
                      self.n_conversations)
 
     def n_targets(self) -> int:
+        """Tokens that carry loss. Counted with numpy on a host batch: no aten op, so nothing a sync counter (or a
+        GPU) sees; a batch already on a device is counted there (a host sync)."""
+        if self.targets.device.type == "cpu":
+            return int(np.count_nonzero(self.targets.numpy() != IGNORE))
         return int((self.targets != IGNORE).sum())
 
 

@@ -374,7 +374,8 @@ def start_run(data: TrainData, out_dir: str, model_cfg: ModelConfig | None, cfg:
     run = Run(model, cfg, make_optimizer(model, cfg, dev, cuda_graphs=graphs),
               torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
               Batcher(data.train, cfg.batch_size, model_cfg.max_seq_len, cfg.batch_mode,
-                      assistant_only=cfg.loss_on == "assistant", seed=cfg.seed, rank=rank, world_size=world),
+                      assistant_only=cfg.loss_on == "assistant", seed=cfg.seed, rank=rank, world_size=world,
+                      pin_memory=dev.type == "cuda"),
               amp_dtype, graphs, record={"preset": preset, "data": data.fingerprint})
     if state is not None:
         _restore(run, state, dev)
@@ -400,10 +401,7 @@ def _check_same_model(run_cfg: ModelConfig, asked: ModelConfig):
 def _restore(run: Run, state: dict, dev):
     """Put a checkpoint's training state into a freshly built run: step, optimiser, scaler, data position, RNG."""
     if "optimizer" in state:
-        lr_tensors = [g["lr"] for g in run.optimizer.param_groups]
-        run.optimizer.load_state_dict(state["optimizer"])
-        for g, lr in zip(run.optimizer.param_groups, lr_tensors):
-            g["lr"] = lr  # keep the device tensor a CUDA graph reads (a float otherwise)
+        restore_optimizer(run.optimizer, state["optimizer"])
     if "scaler" in state:
         run.scaler.load_state_dict(state["scaler"])
     run.batcher.load_state_dict(state["extra"]["data"])
@@ -411,6 +409,37 @@ def _restore(run: Run, state: dict, dev):
     run.step = state["step"]
     run.best_eval = state["extra"].get("best_eval", math.inf)
     set_rng_state(state["rng"], dev)
+
+
+# How this process steps, whatever the checkpoint's process did: torch's load_state_dict takes these from the saved
+# groups, so a run saved on CUDA (fused) and resumed on a CPU, or the reverse, would step the other device's way.
+BUILT_GROUP_KEYS = ("lr", "fused", "capturable", "foreach", "differentiable")
+
+
+def restore_optimizer(optimizer, saved: dict):
+    """Load a checkpoint's optimizer state into the optimizer this run built (make_optimizer), keeping what the build
+    decided: its lr (the device tensor a CUDA graph reads), its fused/capturable flags, and where step counts live.
+
+    torch keeps a loaded `step` on the CPU unless the saved group is fused or capturable. guppy's Muon keeps every
+    step count on its parameter's device (its bias corrections are device arithmetic, captured in the CUDA graph):
+    a CPU count there is read into the graph as a constant at capture, so after a resume AdamW's bias correction
+    stayed frozen at the resumed step's value (~6 % too small updates for the rest of an early-resumed run, issue 18).
+    """
+    built = [{k: g[k] for k in BUILT_GROUP_KEYS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for g, keep in zip(optimizer.param_groups, built):
+        for k in BUILT_GROUP_KEYS:
+            if k in keep:
+                g[k] = keep[k]
+            else:
+                g.pop(k, None)
+    from .muon import Muon
+    for g in optimizer.param_groups:
+        on_device = isinstance(optimizer, Muon) or bool(g.get("fused")) or bool(g.get("capturable"))
+        for p in g["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                optimizer.state[p]["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
 
 
 def _open_run_dir(out_dir: str, data: TrainData, resumed_at: int | None):
@@ -525,10 +554,25 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig | None, cfg: Train
     return summary
 
 
+def make_step(run: Run, train_model, dev):
+    """The training step as a function of a host batch: the whole step as one CUDA graph (guppy/graphs.py), which
+    copies the batch into its static inputs, or `train_step` on the batch copied to dev. Neither waits for the copy
+    or reads anything back: the host goes on to the next batch while the device computes this one."""
+    if run.graphs:
+        from .graphs import CudaGraphStep
+        return CudaGraphStep(train_model, run.optimizer, run.scaler, run.cfg.grad_clip, run.amp_dtype)
+
+    def step_fn(b):
+        return train_step(train_model, b.to(dev, non_blocking=True), run.optimizer, run.scaler, run.cfg.grad_clip,
+                          dev, run.amp_dtype)
+    return step_fn
+
+
 def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, world: int = 1,
                stop_at_step: int | None = None, progress: bool = True, log=print, on_eval=None,
-               t_begin: float | None = None) -> dict:
-    """Train `run` from its step to max_steps (or stop_at_step): log, evaluate, save. Returns the summary."""
+               t_begin: float | None = None, wrap_step=None) -> dict:
+    """Train `run` from its step to max_steps (or stop_at_step): log, evaluate, save. Returns the summary.
+    wrap_step(step_fn) -> step_fn: a stand-in or an observer for the step (`python -m bench host`, the tests)."""
     t_begin = time.perf_counter() if t_begin is None else t_begin
     model, cfg, optimizer, scaler, batcher, seen = run.model, run.cfg, run.optimizer, run.scaler, run.batcher, run.seen
     model_cfg, amp_dtype, best_eval, start_step = model.config, run.amp_dtype, run.best_eval, run.step
@@ -542,12 +586,9 @@ def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, worl
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if run.graphs:
-        from .graphs import CudaGraphStep
-        step_fn = CudaGraphStep(train_model, optimizer, scaler, cfg.grad_clip, amp_dtype)
-    else:
-        def step_fn(b):
-            return train_step(train_model, b, optimizer, scaler, cfg.grad_clip, dev, amp_dtype)
+    step_fn = make_step(run, train_model, dev)
+    if wrap_step is not None:
+        step_fn = wrap_step(step_fn)
 
     metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=is_main)
     end_step = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
@@ -560,6 +601,7 @@ def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, worl
                 "tokens and are cut")
 
     save_seconds = 0.0   # time spent writing checkpoints: kept out of `elapsed`
+    eval_seconds = 0.0   # time spent in evaluations: inside `elapsed`, reported in the summary
 
     def elapsed() -> float:
         return time.perf_counter() - t_begin - save_seconds
@@ -594,7 +636,7 @@ def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, worl
             tokens_window += n_tokens
             seen["conversations"] += batch.n_conversations * world
             seen["tokens"] += n_tokens * world
-            loss = step_fn(batch.to(dev, non_blocking=True))
+            loss = step_fn(batch)
             loss_sum += loss.float()
             step += 1
             steps_window += 1
@@ -620,7 +662,9 @@ def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, worl
 
             is_eval = evals and (step % cfg.eval_every == 0 or step == cfg.max_steps)
             if is_eval:
+                t_eval = time.perf_counter()
                 last_eval = evaluate(model, evals, dev, amp_dtype)
+                eval_seconds += time.perf_counter() - t_eval
                 improved = last_eval < best_eval
                 best_eval = min(best_eval, last_eval)
                 record = dict(step=step, eval_loss=last_eval, elapsed=round(elapsed(), 3), **seen)
@@ -645,7 +689,8 @@ def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, worl
             bar.close()
 
     summary = {"step": step, "best_eval": best_eval, "last_eval": last_eval, "seconds": elapsed(),
-               "setup_s": setup_s, "save_s": save_seconds, "interrupted": interrupted, "out_dir": out_dir, **seen}
+               "setup_s": setup_s, "save_s": save_seconds, "eval_s": eval_seconds, "interrupted": interrupted,
+               "out_dir": out_dir, **seen}
     if dev.type == "cuda":
         summary["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     if world > 1 and not interrupted:

@@ -15,6 +15,7 @@ from guppy import ModelConfig, TrainConfig
 from guppy.checkpoint import load_model, read_pointer
 from guppy.data import prepare
 from guppy.errors import GuppyError
+from guppy.model import GuppyLM
 from guppy.train import lr_at, param_groups, train
 
 MINI = dict(vocab_size=512, max_seq_len=64, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64)
@@ -248,3 +249,94 @@ def test_ddp_two_gloo_ranks_agree(data_dir, tmp_path):
     assert rec and rec[0]["ddp_world_size"] == 2 and rec[0]["ddp_max_param_difference"] == 0.0
     # both ranks trained: tokens/s counts the two ranks' tokens, and the run finished all steps
     assert read_pointer(run, "latest")["step"] == 6
+
+
+# --- the host side of the step: no sync in the steady state, a resume that keeps the device's optimizer -------------
+def counted_steps(log):
+    """wrap_step for train_loop: each step runs under its own SyncCounter (host reads counted on CPU tensors too: the
+    CPU stands in for the device), its count appended to log."""
+    from guppy.syncs import SyncCounter
+
+    def wrap(step_fn):
+        def counted(batch):
+            with SyncCounter(count_cpu=True) as syncs:
+                loss = step_fn(batch)
+            log.append(syncs.total)
+            return loss
+        return counted
+    return wrap
+
+
+def loop_syncs(data_dir, out, steps=12, log_every=4):
+    """Syncs of a real training loop on the CPU: per step, and over the whole loop (evals and saves off until the
+    end: the last step evaluates and saves)."""
+    from guppy.syncs import SyncCounter
+    from guppy.train import load_train_data, start_run, train_loop
+
+    cfg = TrainConfig(batch_size=4, max_steps=steps, warmup_steps=2, batch_mode="packed", optimizer="muon",
+                      log_every=log_every, eval_every=10 ** 6, save_every=10 ** 6, eval_batches=1)
+    data = load_train_data(data_dir)
+    os.makedirs(out)
+    run = start_run(data, out, ModelConfig(**MINI, dropout=0.0), cfg, torch.device("cpu"), log=quiet)
+    per_step = []
+    with SyncCounter(count_cpu=True) as whole:
+        train_loop(run, data, out, torch.device("cpu"), progress=False, log=quiet, wrap_step=counted_steps(per_step))
+    return per_step, whole.total
+
+
+def test_the_steady_state_step_never_reads_back(data_dir, tmp_path):
+    """Counted, not assumed: no step reads a value back; the whole loop reads once per log window and once for its
+    one eval (a host read on the CPU is where a GPU would make the host wait)."""
+    per_step, whole = loop_syncs(data_dir, str(tmp_path / "run"))
+    assert per_step == [0] * 12
+    assert whole == 12 // 4 + 1
+
+
+def test_a_planted_item_in_the_step_is_counted(data_dir, tmp_path, monkeypatch):
+    import guppy.train as train_lib
+
+    real_step = train_lib.train_step
+
+    def step_that_logs(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
+        loss.item()  # what the counter exists to catch
+        return loss
+
+    monkeypatch.setattr(train_lib, "train_step", step_that_logs)
+    per_step, _ = loop_syncs(data_dir, str(tmp_path / "run"), steps=3, log_every=3)
+    assert per_step == [1, 1, 1]
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_a_resume_keeps_the_optimizer_this_device_built(tmp_path, optimizer):
+    """A checkpoint's optimizer state loaded on another device (here the fake device "meta", standing in for CUDA)
+    puts every state tensor on its parameter's device, Muon's AdamW step counts included (torch leaves a loaded
+    `step` on the CPU unless the saved group was fused or capturable: a CUDA graph then froze the bias correction),
+    and keeps the lr tensors and the fused/capturable flags this run built, not the saved run's."""
+    from guppy.train import make_optimizer, restore_optimizer
+
+    cfg = TrainConfig(optimizer=optimizer, fused_adamw=True)
+    torch.manual_seed(0)
+    saved_model = GuppyLM(ModelConfig(**MINI))
+    saved_opt = make_optimizer(saved_model, cfg, torch.device("cpu"))
+    saved_model(torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))[1].backward()
+    saved_opt.step()
+    saved = saved_opt.state_dict()
+    for g in saved["param_groups"]:  # as a CUDA run of the other kind would have saved them
+        g["fused"], g["capturable"] = optimizer == "muon", optimizer == "muon"
+
+    meta = torch.device("meta")
+    with meta:
+        model = GuppyLM(ModelConfig(**MINI))
+    opt = make_optimizer(model, cfg, meta, cuda_graphs=optimizer == "muon")
+    built = [{k: g.get(k) for k in ("lr", "fused", "capturable")} for g in opt.param_groups]
+    restore_optimizer(opt, saved)
+    for g, b in zip(opt.param_groups, built):
+        assert g["lr"] is b["lr"] and (g.get("fused"), g.get("capturable")) == (b["fused"], b["capturable"])
+    steps = [s["step"] for s in opt.state.values() if "step" in s]
+    assert steps and len(opt.state) == len(list(model.parameters()))
+    for p, s in opt.state.items():
+        for name, t in s.items():
+            if torch.is_tensor(t):
+                device = "cpu" if optimizer == "adamw" and name == "step" else "meta"  # plain AdamW: torch's rule
+                assert t.device.type == device, (name, t.device)
