@@ -13,11 +13,17 @@ What it computes (per row i with target t ≠ ignore_index; z = logits_i, V clas
 The gradient is written during the forward pass
     One program per row. Pass 1 streams the row in BLOCK_V chunks with the online softmax: running max m and running
     sum d of exp(z - m), rescaled by exp(m_old - m_new) when the max grows, so one read of the row gives lse = m + log d
-    (plus Σz for smoothing and z_t by a direct load). Pass 2 re-reads the row and writes (softmax - target)·scale into
-    the gradient buffer, scale = 1/n for "mean" (n read from a device tensor: no host sync), else 1. The gradient
-    buffer is a fresh tensor by default; with `inplace_grad=True` it is the logits buffer itself (the caller promises
-    the logits are dead after this call: `linear_cross_entropy` does this with its own per-chunk logits). The backward
-    only multiplies by the incoming gradient (a scalar, or one value per row for "none").
+    (plus Σz for smoothing and z_t by a direct load). Pass 2 re-reads the row and writes (softmax - target)·s_fwd into
+    the gradient buffer, rounded to the logits dtype. The backward multiplies it by grad_output·s_bwd in fp32 (one
+    factor, or one per row for "none") and rounds once more. s_fwd·s_bwd = 1/n for "mean" (n counted rows, a device
+    tensor: no host sync), else 1, split by `_grad_scales`: s_fwd = (significand of 1/n, in [1, 2))·2^14 and s_bwd a
+    power of two. For a power-of-two grad_output (1, every GradScaler scale) the backward's multiply is then exact and
+    the gradient is (softmax - target)·grad_output/n rounded once, as in the reference path; any other grad_output
+    adds a second rounding. The 2^14 keeps |stored| < 2^15 (fp16's max is 65504) and entries down to 6e-5 / 2^14 =
+    4e-9 out of fp16's subnormals, where no loss scale arriving later could restore their bits. The buffer is a fresh
+    tensor by default; with `inplace_grad=True` it is the logits buffer itself (the caller promises the logits are
+    dead after this call) and the backward scales it in place. `linear_cross_entropy` runs the same kernel on its own
+    per-chunk logits with s_fwd = 1.
     Row offsets are int64: row·stride is 2.6e8 elements at 8192 × 32000 (inside int32, but only 8x away) and passes
     2^31 elements at e.g. 16384 × 131072; int64 pointer math costs nothing measurable next to the row's exp()s.
 
@@ -63,10 +69,10 @@ _REDUCTIONS = ("mean", "sum", "none")
 @triton.jit
 def _cross_entropy_fwd_kernel(
     Logits,   # (n_rows, V) row stride stride_l, unit column stride; read
-    Grad,     # (n_rows, V) row stride stride_g: out d loss/d logits · scale (may alias Logits; only if COMPUTE_GRAD)
+    Grad,     # (n_rows, V) row stride stride_g: out d loss/d logits · Scale (may alias Logits; only if COMPUTE_GRAD)
     Target,   # (n_rows,) int32 / int64 class ids, ignore_index on rows without a loss
     Loss,     # (n_rows,) fp32 out: per-row loss, 0 on ignored rows
-    Scale,    # (1,) fp32: factor folded into the gradient (1/n_counted for "mean", else 1)
+    Scale,    # (1,) fp32: factor folded into the gradient before its rounding (s_fwd of `_grad_scales`, or 1)
     stride_l, stride_g, V, ignore_index, label_smoothing,
     COMPUTE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -160,11 +166,23 @@ def _check_ce_args(op, target, n_rows, reduction, label_smoothing):
         raise ValueError(f"{op}: label_smoothing={label_smoothing} must be in [0, 1]")
 
 
-def _grad_scale(target, ignore_index, reduction):
-    """(1,) fp32 device tensor: 1/n_counted for "mean" (inf when n = 0; no row uses it then), else 1. No host sync."""
-    if reduction == "mean":
-        return (target != ignore_index).sum().to(torch.float32).reciprocal().reshape(1)
-    return torch.ones(1, dtype=torch.float32, device=target.device)
+# Folded into the stored gradient: |softmax - target| ≤ 1 times a significand < 2 stays under 2^15 (fp16's max: 65504)
+GRAD_HEADROOM = 2.0 ** 14
+
+
+def _grad_scales(target, ignore_index, reduction):
+    """(s_fwd, s_bwd): (1,) fp32 device tensors, s_fwd·s_bwd = 1/n for "mean" (n counted rows), else 1. No host sync.
+
+    s_fwd = significand of 1/n in [1, 2) times GRAD_HEADROOM, applied before the gradient's rounding; s_bwd is a power
+    of two (exact: 1/n over s_fwd), applied with grad_output. n = 0 (every row ignored) counts as 1: zero gradients.
+    """
+    ones = torch.ones(1, dtype=torch.float32, device=target.device)
+    if reduction != "mean":
+        return ones * GRAD_HEADROOM, ones / GRAD_HEADROOM
+    inv_n = (target != ignore_index).sum().clamp(min=1).to(torch.float32).reciprocal().reshape(1)
+    significand, _ = torch.frexp(inv_n)                     # inv_n = significand · 2^e, significand in [0.5, 1)
+    s_fwd = significand * (2 * GRAD_HEADROOM)
+    return s_fwd, inv_n / s_fwd
 
 
 def cross_entropy_rows(logits, grad, target, loss, scale, ignore_index=-100, label_smoothing=0.0):
@@ -194,7 +212,7 @@ def _reduce(loss_rows, target, ignore_index, reduction):
 
 def cross_entropy_forward(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                           compute_grad=True, inplace_grad=False):
-    """Returns (loss, grad or None). grad is d(loss)/d(logits) for grad_output = 1 (per row for "none")."""
+    """Returns (loss, grad or None, s_bwd): d(loss)/d(logits) = grad · s_bwd for grad_output = 1 (`_grad_scales`)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{_OP}: logits must be a tensor")
     check_triton_device(logits, target, op=_OP)
@@ -213,34 +231,34 @@ def cross_entropy_forward(logits, target, ignore_index=-100, reduction="mean", l
         own = inplace_grad or x is not logits
         grad = x if own else torch.empty((n, V), dtype=logits.dtype, device=logits.device)
     loss_rows = torch.empty(n, dtype=torch.float32, device=logits.device)
-    scale = _grad_scale(target, ignore_index, reduction)
-    cross_entropy_rows(x, grad, target, loss_rows, scale, ignore_index, label_smoothing)
-    return _reduce(loss_rows, target, ignore_index, reduction), grad
+    s_fwd, s_bwd = _grad_scales(target, ignore_index, reduction)
+    cross_entropy_rows(x, grad, target, loss_rows, s_fwd, ignore_index, label_smoothing)
+    return _reduce(loss_rows, target, ignore_index, reduction), grad, s_bwd
 
 
-def cross_entropy_backward(grad, grad_output, inplace=False):
-    """Scale the stored gradient by the incoming one (scalar, or (N,) for reduction="none")."""
+def cross_entropy_backward(grad, grad_output, s_bwd, inplace=False):
+    """grad · grad_output · s_bwd, grad_output a scalar or (N,) for reduction="none". One multiply in fp32, rounded once
+    into grad's dtype: the factor is a (1,) or (N, 1) fp32 tensor, which type promotion keeps fp32 (a 0-dim one could
+    be rounded to fp16 first: s_bwd ≤ 2^-14/n, zero in fp16 from n = 1025 on)."""
     go = grad_output.to(torch.float32)
-    factor = go[:, None] if go.dim() == 1 else go
-    if inplace:
-        return grad.mul_(factor.to(grad.dtype))
-    return (grad.to(torch.float32) * factor).to(grad.dtype) if grad.dtype != torch.float32 else grad * factor
+    factor = (go[:, None] if go.dim() == 1 else go.reshape(1)) * s_bwd
+    return torch.mul(grad, factor, out=grad if inplace else torch.empty_like(grad))
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, inplace_grad):
-        loss, grad = cross_entropy_forward(logits, target, ignore_index, reduction, label_smoothing,
-                                           compute_grad=ctx.needs_input_grad[0], inplace_grad=inplace_grad)
+        loss, grad, s_bwd = cross_entropy_forward(logits, target, ignore_index, reduction, label_smoothing,
+                                                  compute_grad=ctx.needs_input_grad[0], inplace_grad=inplace_grad)
         if grad is not None:
-            ctx.save_for_backward(grad)
+            ctx.save_for_backward(grad, s_bwd)
         ctx.inplace_grad = inplace_grad
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return cross_entropy_backward(grad, grad_output, inplace=ctx.inplace_grad), None, None, None, None, None
+        grad, s_bwd = ctx.saved_tensors
+        return cross_entropy_backward(grad, grad_output, s_bwd, inplace=ctx.inplace_grad), None, None, None, None, None
 
 
 def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, inplace_grad=False):
