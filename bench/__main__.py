@@ -1,4 +1,4 @@
-"""python -m bench {step,train,kernels,reference-curve,gpu-check}: guppy's benchmark suites.
+"""python -m bench {host,step,train,kernels,reference-curve,recipe,gpu-check}: guppy's benchmark suites.
 
 Results go to bench/results/ as JSON.
 """
@@ -20,6 +20,14 @@ def main(argv=None):
     s.add_argument("--ops", default="reference")
     s.add_argument("--out", help="result JSON path (default bench/results/step-<device>-<date>.json)")
     s.add_argument("--no-save", action="store_true")
+    s = sub.add_parser("host", help="the host side of guppy-9m-fast's loop on this CPU: batches, syncs, evals, "
+                       "saves, builds")
+    s.add_argument("--data", help="prepared data folder (default: 60,000 fresh conversations from the fish, timed)")
+    s.add_argument("--steps", type=int, help="loop steps (default: the preset's 1,500)")
+    s.add_argument("--no-builds", action="store_true", help="skip the cold csrc build and Triton compiles (CI)")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--out", metavar="DIR|FILE.json", help="a folder for host-<device>-<date>.json, or a .json path "
+                   "(default bench/results/)")
     s = sub.add_parser("train", help="time to GuppyLM's held-out loss: reference, +compile, +sdpa, guppy-fast")
     s.add_argument("--device", default="auto")
     s.add_argument("--runs", default="reference,reference+compile,reference+sdpa,guppy-fast",

@@ -9,8 +9,9 @@ unscale, clipping, step and scale update; without a GradScaler, clipping and the
 declare `_step_supports_amp_scaling` (torch's fused AdamW, and guppy.muon.Muon), so GradScaler.step hands them the
 found-inf flag as a device tensor and they skip an overflowed step on the device: nothing in the step reads a value
 back, which is what lets it be captured, and the host never waits for it.
-What stays outside: copying the next batch into the static input buffers (from page-locked memory, asynchronous)
-and setting the learning rate (a device tensor the captured optimizer reads): six small copies per step.
+What stays outside: copying the next batch into the static input buffers (from page-locked memory, asynchronous),
+setting the learning rate (a device tensor per optimizer group, which the captured optimizer reads), and the loss's
+clone and running sum: 8 small ops a step for guppy-9m-fast (`python -m bench host` counts them).
 
 Requirements: every op in the step must be capturable (no host syncs, no CPU tensors created per step); the Triton
 kernels of guppy.kernels are. Dropout inside the graph gets fresh randomness on every replay from PyTorch's

@@ -57,8 +57,8 @@ class SyncCounter(TorchDispatchMode):
         super().__init__()
         self.count_cpu = count_cpu
         self.by_op: Counter = Counter()
-        self.ops = 0         # every aten op seen
-        self.device_ops = 0  # ops on a device tensor: each one a kernel launch on a GPU
+        self.ops = 0         # every aten op seen but views
+        self.device_ops = 0  # those on a device tensor: each a kernel launch on a GPU
         self._cuda_sync = None
 
     @property
@@ -67,9 +67,9 @@ class SyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.ops += 1
-        if any(_on_device(a) for a in (*args, *kwargs.values())):
-            self.device_ops += 1
+        if not func.is_view:  # a view (detach, reshape, ...) launches no kernel
+            self.ops += 1
+            self.device_ops += any(_on_device(a) for a in (*args, *kwargs.values()))
         if _reads_back(func, args, kwargs, self.count_cpu):
             self.by_op[str(func.overloadpacket.__name__)] += 1
             src = args[1] if func is aten.copy_.default else args[0]

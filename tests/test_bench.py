@@ -90,7 +90,8 @@ def test_bench_train_refuses_bad_runs_and_target_files_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("command", [("step", "--device", "cpu"), ("train", "--smoke"), ("recipe", "--smoke"),
-                                     ("reference-curve", "--device", "cpu")], ids=lambda c: c[0])
+                                     ("reference-curve", "--device", "cpu"), ("host", "--no-builds")],
+                         ids=lambda c: c[0])
 def test_a_bad_data_folder_is_one_line_naming_it(tmp_path, command):
     for data, says in ((tmp_path / "none", "no such folder"), (tmp_path, "not a prepared data folder (no train.jsonl")):
         r = subprocess.run([sys.executable, "-m", "bench", *command, "--data", str(data)], cwd=ROOT,
@@ -160,3 +161,23 @@ def test_bench_step_cpu(tmp_path):
     assert [r["mode"] for r in rows] == ["pad", "packed"]
     assert rows[1]["padding_fraction"] < rows[0]["padding_fraction"]
     assert all(r["ms_per_step"] > 0 and r["real_tokens_per_s"] > 0 for r in rows)
+
+
+def test_bench_host_counts_the_fast_paths_host_side(tmp_path):
+    """The real guppy-9m-fast loop with the compute taken out: the JSON holds every figure issue 18 asks for, the
+    steady state reads back once per log window at most, and the host issues the graph step's copies and little
+    else outside it (4 static inputs, the lr of Muon's 2 groups, the loss's clone and running sum: 8 per step)."""
+    from guppy.data import prepare
+    data = tmp_path / "data"
+    prepare(str(data), samples=1200, seed=1, log=lambda *_: None)
+    run_bench("host", "--data", str(data), "--steps", "120", "--no-builds", "--no-progress", "--out",
+              str(tmp_path / "host.json"))
+    result = json.loads((tmp_path / "host.json").read_text())
+    assert result["device"].startswith("CPU") and result["torch"] and result["cpu_count"] == os.cpu_count()
+    for key in ("batch_ms", "host_ms_per_step", "eval_s", "save_s", "import_s", "chat_first_reply_s"):
+        assert positive(result[key]), key
+    assert result["csrc_build_s"] is None and result["triton_compile_s"] is None and result["builds_skipped"]
+    assert result["steps"] == 120 and result["log_every"] == 50 and result["counted_steps"] > 100
+    assert 0 < result["syncs_per_step"] <= 1 / 50
+    assert 8 <= result["ops_outside_graph_per_step"] < 9
+    assert result["eval_syncs"] == 1 and result["eval_ops"] > 100 * result["eval_batches"]
