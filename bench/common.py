@@ -56,7 +56,8 @@ def environment(device=None) -> dict:
     except ImportError:
         triton_version = None
     env = {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
-           "cuda": torch.version.cuda, "date": datetime.date.today().isoformat()}
+           "cuda": torch.version.cuda, "date": datetime.date.today().isoformat(),
+           "cpu_count": os.cpu_count()}  # the host side (batches, launches, builds) runs on these (Colab T4: ~2)
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         env["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
     return env

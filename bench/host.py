@@ -210,7 +210,7 @@ def timed_command(args: list[str]) -> float | None:
 
 def builds(result):
     from guppy.csrc.extension import measure_cold_build
-    from guppy.targets import preset_compile_seconds
+    from guppy.launches import preset_compile_seconds
     model_cfg, _ = preset(PRESET)
     csrc = measure_cold_build(arch=75, head_dims=(model_cfg.head_dim,))
     result["csrc_build_s"] = csrc.get("csrc_build_s")
@@ -223,7 +223,7 @@ def builds(result):
 def main(args):
     model_cfg, cfg = preset(PRESET)
     result = {**environment("cpu"), "benchmark": f"host side of {PRESET} (the T4 path: CUDA graphs, fp16, Muon)",
-              "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "preset": PRESET,
+              "python": sys.version.split()[0], "preset": PRESET,
               "batch": f"{cfg.batch_size} x {model_cfg.max_seq_len} packed"}
     work = tempfile.mkdtemp(prefix="guppy-bench-host-")
     t = time.perf_counter()
