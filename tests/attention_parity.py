@@ -1,5 +1,6 @@
 """Shared by the attention kernel tests (test_attention.py, test_gemm_softmax.py): the fp32 / low-precision reference,
-the tolerance rule, packed segment ids, and the mini-model parity check.
+the tolerance rule, packed segment ids, and the mini-model parity check. Both run on the device the kernels run on
+(tests/conftest.py's DEVICE and `device` fixture: CUDA on a GPU, the CPU through the interpreter without one).
 
 Tolerances: fp32 kernels use IEEE dots and must match the fp32 reference to 1e-5 (observed ~1e-6). For fp16/bf16 the
 bound is derived from the reference itself: |kernel − ref32| <= 4·|ref_lowp − ref32| + floor, where ref_lowp is
@@ -10,16 +11,14 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 import guppy.ops as gops
+from conftest import DEVICE, HAS_CUDA
 from guppy.kernels.attention import attention, dropout_mask
 from guppy.reference import attention_mask
 
-CUDA = torch.cuda.is_available()
-needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 
@@ -56,7 +55,7 @@ def reference(q, k, v, causal, seg, keep=None, p=0.0, dtype=torch.float32):
     return o, (q, k, v)
 
 
-def run_and_compare(B, H, T, D, causal, dtype, seg=False, p=0.0, seed=1234, device="cpu", layout="bhtd", fn=None):
+def run_and_compare(B, H, T, D, causal, dtype, seg=False, p=0.0, seed=1234, device=DEVICE, layout="bhtd", fn=None):
     """Run `fn` (default: attention) forward + backward and check o, dq, dk, dv against the fp32 reference."""
     fn = attention if fn is None else fn
     gen = torch.Generator().manual_seed(T * 131 + D)
@@ -92,22 +91,24 @@ def run_and_compare(B, H, T, D, causal, dtype, seg=False, p=0.0, seed=1234, devi
     return leaves
 
 
-GPU_DTYPES = [torch.float16] + ([torch.bfloat16] if CUDA and torch.cuda.get_device_capability() >= (8, 0) else [])
+GPU_DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA and torch.cuda.get_device_capability() >= (8, 0) else [])
 
 
-def model_parity(attn_fn):
-    """Mini GuppyLM with packed rows: the loss and every parameter gradient with `attn_fn` equal the reference's."""
+def model_parity(attn_fn, device=DEVICE):
+    """Mini GuppyLM with packed rows, on `device`: the loss and every parameter gradient with `attn_fn` equal the
+    reference's."""
     from guppy.config import ModelConfig
     from guppy.model import GuppyLM
     cfg = ModelConfig(vocab_size=64, max_seq_len=32, d_model=64, n_layers=2, n_heads=2, ffn_hidden=64, dropout=0.0)
     torch.manual_seed(0)
-    model = GuppyLM(cfg)
+    model = GuppyLM(cfg).to(device)
     gen = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 64, (2, 29), generator=gen)
     targets = torch.randint(0, 64, (2, 29), generator=gen)
     seg = torch.tensor([[0] * 10 + [1] * 19, [0] * 29])
     pos = torch.cat([torch.arange(10), torch.arange(19)]).view(1, -1).expand(2, -1).clone()
     pos[1] = torch.arange(29)
+    idx, targets, seg, pos = (t.to(device) for t in (idx, targets, seg, pos))
     results = []
     for ops in (gops.REFERENCE, gops.REFERENCE._replace(name="t", attention=attn_fn)):
         model.ops = ops

@@ -1,9 +1,11 @@
 """guppy.kernels.attention (Triton FlashAttention-2) against the spec, guppy.reference.attention_reference, and SDPA.
 
-CPU (CI): the kernels run under TRITON_INTERPRET=1 on tiny B, H. The shape grid is pairwise, not a cartesian product:
-every T in {1, 17, 64, 127, 129}, every D in {16, 32, 64, 128} (+ a non-power-of-two 48), both causal settings, both
-dtypes (fp32, fp16) and packed segments each appear several times, in different pairings.
-GPU (when CUDA is present): fp16 and bf16 (bf16 only on sm_80+), larger shapes, the same checks.
+Every parity test runs on the `device` fixture (tests/conftest.py): CPU tensors under TRITON_INTERPRET=1 in CI, on tiny
+B, H; CUDA tensors on a GPU, where the kernels are compiled and a CPU tensor would be refused. The shape grid is
+pairwise, not a cartesian product: every T in {1, 17, 64, 127, 129}, every D in {16, 32, 64, 128} (+ a non-power-of-two
+48), both causal settings, both dtypes (fp32, fp16) and packed segments each appear several times, in different
+pairings.
+GPU only (when CUDA is present): fp16 and bf16 (bf16 only on sm_80+), larger shapes, the same checks.
 The reference and the tolerance rule are in tests/attention_parity.py.
 """
 from __future__ import annotations
@@ -15,7 +17,8 @@ import pytest
 import torch
 
 import guppy.kernels.attention as A
-from attention_parity import GPU_DTYPES, case_id, model_parity, needs_gpu, run_and_compare
+from attention_parity import GPU_DTYPES, case_id, model_parity, run_and_compare
+from conftest import requires_gpu
 from guppy.kernels._utils import arch_class
 from guppy.reference import attention_mask
 from guppy.seeds import dropout_seed_tensor
@@ -40,29 +43,29 @@ CASES = [
 
 
 @pytest.mark.parametrize("T,D,causal,dtype,seg,bh", CASES, ids=[case_id(c) for c in CASES])
-def test_forward_backward(T, D, causal, dtype, seg, bh):
-    run_and_compare(bh[0], bh[1], T, D, causal, dtype, seg)
+def test_forward_backward(T, D, causal, dtype, seg, bh, device):
+    run_and_compare(bh[0], bh[1], T, D, causal, dtype, seg, device=device)
 
 
-def test_noncontiguous_qkv_views():
+def test_noncontiguous_qkv_views(device):
     """The model's permuted views of one qkv projection are used through their strides, not copied."""
     B, H, T, D = 2, 2, 33, 16
-    qkv = torch.randn(B, T, 3 * H * D)
+    qkv = torch.randn(B, T, 3 * H * D, device=device)
     q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
     assert q.stride() == (T * 3 * H * D, D, 3 * H * D, 1)
     assert A._unit_d(q) is q                           # no copy on the way in
-    run_and_compare(B, H, T, D, True, torch.float32, seg=True, layout="qkv")
+    run_and_compare(B, H, T, D, True, torch.float32, seg=True, device=device, layout="qkv")
 
 
-def test_lse_is_logsumexp():
+def test_lse_is_logsumexp(device):
     B, H, T, D = 1, 2, 40, 32
-    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
-    seg_ids = torch.tensor([[0] * 13 + [1] * 27])
+    q, k, v = (torch.randn(B, H, T, D, device=device) for _ in range(3))
+    seg_ids = torch.tensor([[0] * 13 + [1] * 27], device=device)
     seg, sb, has = A._seg_arg(seg_ids, q)
     o, lse = A.attention_forward(q, k, v, True, 1 / math.sqrt(D), seg, sb, has, 0.0,
                                  dropout_seed_tensor(0.0, None, q.device))
     s = (q @ k.transpose(-2, -1)) / math.sqrt(D)
-    s = s.masked_fill(~attention_mask(T, T, True, seg_ids), float("-inf"))
+    s = s.masked_fill(~attention_mask(T, T, True, seg_ids, device), float("-inf"))
     torch.testing.assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
 
 
@@ -71,13 +74,13 @@ def test_lse_is_logsumexp():
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T,D,causal,dtype,seg", [(33, 16, True, torch.float32, True),
                                                   (70, 32, False, torch.float16, False)])
-def test_dropout_matches_regenerated_mask(T, D, causal, dtype, seg):
+def test_dropout_matches_regenerated_mask(T, D, causal, dtype, seg, device):
     """Forward and gradients equal softmax(masked scores) * keep / (1-p) @ v with keep = dropout_mask(seed)."""
-    run_and_compare(1, 2, T, D, causal, dtype, seg, p=0.1, seed=987)
+    run_and_compare(1, 2, T, D, causal, dtype, seg, p=0.1, seed=987, device=device)
 
 
-def test_dropout_reproducible_from_seed():
-    q, k, v = (torch.randn(1, 1, 24, 16) for _ in range(3))
+def test_dropout_reproducible_from_seed(device):
+    q, k, v = (torch.randn(1, 1, 24, 16, device=device) for _ in range(3))
     a = attention(q, k, v, dropout_p=0.3, dropout_seed=5)
     assert torch.equal(a, attention(q, k, v, dropout_p=0.3, dropout_seed=5))
     assert not torch.equal(a, attention(q, k, v, dropout_p=0.3, dropout_seed=6))
@@ -87,10 +90,10 @@ def test_dropout_reproducible_from_seed():
     assert torch.equal(b, attention(q, k, v, dropout_p=0.3))
 
 
-def test_dropout_keep_fraction_binomial():
+def test_dropout_keep_fraction_binomial(device):
     """keep ~ Bernoulli(1-p) i.i.d.: the kept fraction is within 5 binomial sigmas, per (b, h) masks differ."""
     B, H, T, p = 2, 2, 128, 0.1
-    keep = dropout_mask(2024, B, H, T, p, "cpu")
+    keep = dropout_mask(2024, B, H, T, p, device)
     n = keep.numel()
     frac = keep.float().mean().item()
     assert abs(frac - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / n), frac
@@ -101,11 +104,11 @@ def test_dropout_keep_fraction_binomial():
     assert (rows - (1 - p)).abs().max().item() <= 6 * math.sqrt(p * (1 - p) / T)
 
 
-def test_dropout_unbiased_over_seeds():
+def test_dropout_unbiased_over_seeds(device):
     """E_seed[attention with dropout] = attention without dropout (inverted-dropout scaling by 1/(1-p))."""
     T, D, p, N = 8, 16, 0.3, 200
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 1, T, D, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(1, 1, T, D, generator=gen).to(device) for _ in range(3))
     outs = torch.stack([attention(q, k, v, dropout_p=p, dropout_seed=s) for s in range(N)])
     mean, std = outs.mean(0), outs.std(0)
     ref = attention(q, k, v)
@@ -115,8 +118,8 @@ def test_dropout_unbiased_over_seeds():
 # ------------------------------------------------------------------------------------------------------------------
 # Model level: mini GuppyLM, loss and every parameter gradient, reference vs this attention
 # ------------------------------------------------------------------------------------------------------------------
-def test_model_parity():
-    model_parity(attention)
+def test_model_parity(device):
+    model_parity(attention, device)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -198,7 +201,7 @@ for c in A.target_configs():
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@needs_gpu
+@requires_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("T,D,causal,seg,p", [(128, 64, True, False, 0.0), (128, 64, True, True, 0.1),
                                               (500, 80, False, True, 0.0), (1024, 128, True, False, 0.0),
@@ -207,7 +210,7 @@ def test_gpu(dtype, T, D, causal, seg, p):
     run_and_compare(4, 6, T, D, causal, dtype, seg, p=p, device="cuda")
 
 
-@needs_gpu
+@requires_gpu
 def test_gpu_model_layout_and_parity():
     run_and_compare(8, 6, 128, 64, True, torch.float16, seg=True, p=0.1, device="cuda", layout="qkv")
     dropout_mask(1, 2, 2, 64, 0.1, "cuda")  # compiles and runs on the GPU

@@ -6,6 +6,7 @@ Tolerances (fp32): every step's loss within 1e-5 relative, final weights within 
 """
 import copy
 
+import pytest
 import torch
 
 from conftest import DEVICE
@@ -79,6 +80,7 @@ def _shrunk(preset_name, steps_fraction, model_over):
     return model_cfg, cfg
 
 
+@pytest.mark.cpu_only  # a recipe on the CPU (~20 s), no kernel: nothing for gpu-check's tests stage to see on a GPU
 def test_fast_preset_learns_at_least_as_fast_per_conversation_as_guppylm_recipe(tmp_path):
     """guppy-9m-fast's recipe against GuppyLM's (the guppy-9m preset), both shrunk alike (_shrunk, 4 % of their
     steps): at every eval of the fast run, its held-out loss is at most the reference's after as many conversations

@@ -2,8 +2,9 @@
 
 Same contract and same checks as tests/test_attention.py (the reference and tolerance rule of
 tests/attention_parity.py, a pairwise shape grid), plus: identical output to the flash kernel for one dropout seed
-(both draw the same Philox mask), and the config table covering the dispatcher. CPU under TRITON_INTERPRET=1; GPU
-variants when CUDA is present.
+(both draw the same Philox mask), and the config table covering the dispatcher. The parity tests run on the `device`
+fixture (tests/conftest.py): CPU tensors under TRITON_INTERPRET=1, CUDA tensors on a GPU; larger GPU-only variants
+when CUDA is present.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 import guppy.kernels.gemm_softmax as GS
-from attention_parity import GPU_DTYPES, case_id, model_parity, needs_gpu, run_and_compare
+from attention_parity import GPU_DTYPES, case_id, model_parity, run_and_compare
+from conftest import requires_gpu
 from guppy.kernels.attention import attention
 from guppy.kernels.gemm_softmax import gemm_softmax_attention
 
@@ -29,25 +31,26 @@ CASES = [
 
 
 @pytest.mark.parametrize("T,D,causal,dtype,seg,bh", CASES, ids=[case_id(c) for c in CASES])
-def test_forward_backward(T, D, causal, dtype, seg, bh):
-    run_and_compare(bh[0], bh[1], T, D, causal, dtype, seg, fn=gemm_softmax_attention)
+def test_forward_backward(T, D, causal, dtype, seg, bh, device):
+    run_and_compare(bh[0], bh[1], T, D, causal, dtype, seg, device=device, fn=gemm_softmax_attention)
 
 
-def test_noncontiguous_qkv_views():
-    run_and_compare(2, 2, 33, 16, True, torch.float32, seg=True, layout="qkv", fn=gemm_softmax_attention)
+def test_noncontiguous_qkv_views(device):
+    run_and_compare(2, 2, 33, 16, True, torch.float32, seg=True, device=device, layout="qkv",
+                    fn=gemm_softmax_attention)
 
 
 @pytest.mark.parametrize("T,D,causal,dtype,seg", [(33, 16, True, torch.float32, True),
                                                   (70, 32, False, torch.float16, False)])
-def test_dropout_matches_regenerated_mask(T, D, causal, dtype, seg):
-    run_and_compare(1, 2, T, D, causal, dtype, seg, p=0.1, seed=987, fn=gemm_softmax_attention)
+def test_dropout_matches_regenerated_mask(T, D, causal, dtype, seg, device):
+    run_and_compare(1, 2, T, D, causal, dtype, seg, p=0.1, seed=987, device=device, fn=gemm_softmax_attention)
 
 
-def test_same_dropout_mask_as_flash():
+def test_same_dropout_mask_as_flash(device):
     """Both candidates draw keep_ij from Philox(seed, b·H+h, i, j): one seed, the same output."""
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, 2, 40, 16, generator=gen) for _ in range(3))
-    seg = torch.tensor([[0] * 15 + [1] * 25, [0] * 40])
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=gen).to(device) for _ in range(3))
+    seg = torch.tensor([[0] * 15 + [1] * 25, [0] * 40], device=device)
     a = gemm_softmax_attention(q, k, v, segment_ids=seg, dropout_p=0.2, dropout_seed=42)
     b = attention(q, k, v, segment_ids=seg, dropout_p=0.2, dropout_seed=42)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -57,17 +60,17 @@ def test_same_dropout_mask_as_flash():
     assert torch.equal(c, gemm_softmax_attention(q, k, v, dropout_p=0.2))
 
 
-def test_dropout_unbiased_over_seeds():
+def test_dropout_unbiased_over_seeds(device):
     T, D, p, N = 8, 16, 0.3, 100
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 1, T, D, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(1, 1, T, D, generator=gen).to(device) for _ in range(3))
     outs = torch.stack([gemm_softmax_attention(q, k, v, dropout_p=p, dropout_seed=s) for s in range(N)])
     mean, std = outs.mean(0), outs.std(0)
     assert ((mean - gemm_softmax_attention(q, k, v)).abs() <= 5 * std / math.sqrt(N) + 1e-4).all()
 
 
-def test_model_parity():
-    model_parity(gemm_softmax_attention)
+def test_model_parity(device):
+    model_parity(gemm_softmax_attention, device)
 
 
 def test_errors(monkeypatch):
@@ -101,7 +104,7 @@ def test_config_table_covers_dispatcher():
                     assert (fn, (cls,), f"*{name}", *cfg[key]) in table
 
 
-@needs_gpu
+@requires_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("T,D,causal,seg,p", [(128, 64, True, False, 0.0), (128, 64, True, True, 0.1),
                                               (500, 80, False, True, 0.0), (1024, 128, True, False, 0.1)])

@@ -336,3 +336,36 @@ def test_pytest_command_on_a_gpu_uses_workers_and_leaves_the_emulator_cases_out(
     assert cmd[:4] == [sys.executable, "-m", "pytest", "tests/test_attention.py"]
     assert "--junitxml=/w/t.xml" in cmd and cmd[cmd.index("-k") + 1] == "not cpu" and cmd[cmd.index("-n") + 1] == "8"
     assert "-x" not in cmd                                     # every test runs: the counts are the result
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tests stage's selection, run with the kernels compiled as on a GPU (finding 3 of issue 18)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_tests_stage_runs_the_one_gpu_test_selection(tmp_path, monkeypatch):
+    """The stage runs gpu_tests_command's selection: the one the notebook's parity cell and the next test run."""
+    calls = []
+    monkeypatch.setattr(gc, "need_cuda", lambda ctx: None)
+    gc.stage_tests(gc.Ctx(str(tmp_path), str(tmp_path), smoke=False), run=lambda *args: calls.append(args))
+    (files, junit, keyword, workers), = calls
+    assert gc.pytest_command(files, junit, keyword, workers) == gc.gpu_tests_command(junit, workers)
+    assert keyword == gc.GPU_TEST_KEYWORD == "not cpu"
+    assert files == [os.path.join("tests", f) for f in gc.GPU_TEST_FILES]
+
+
+def test_gpu_test_selection_passes_with_the_kernels_compiled(tmp_path):
+    """On a GPU the kernels are compiled, so a test of gpu-check's selection that hands a kernel a CPU tensor fails
+    there ("got a CPU tensor"). GUPPY_TEST_COMPILED=1 (tests/conftest.py) runs the stage's own command here as it runs
+    there: the interpreter off, what needs CUDA skipped. 20-40 s on 2 shared cores."""
+    import xml.etree.ElementTree as ET
+    junit = tmp_path / "tests.xml"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(GUPPY_TEST_COMPILED="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(gc.gpu_tests_command(str(junit)), cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode != 5 and junit.exists(), r.stdout[-3000:] + r.stderr[-3000:]
+    counts = gc.junit_counts(str(junit))
+    assert (counts["failed"], counts["errors"], r.returncode) == (0, 0, 0), \
+        f"{counts['failed']} failed, {counts['errors']} errors: {counts['failing']}\n{r.stdout[-4000:]}"
+    skipped = [s.get("message", "") for s in ET.parse(junit).getroot().iter("skipped")]
+    assert counts["passed"] > 0 and any("GUPPY_TEST_COMPILED=1 without a GPU" in s for s in skipped), counts

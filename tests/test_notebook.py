@@ -98,3 +98,20 @@ def test_notebook_helpers_stream_output_and_keep_going_after_a_failed_stage(caps
                             "needs a GPU": "skip: no GPU"}
     assert ns["summary"]() == ["breaks"]
     assert "failed: breaks" in capsys.readouterr().out
+
+
+def test_notebook_gpu_parity_cell_runs_gpu_checks_test_selection(monkeypatch):
+    """The GPU branch of the parity cell, with a fake GPU and sh: it runs the command of gpu-check's tests stage
+    (bench/gpu_check.py), the selection CI runs with the kernels compiled (tests/test_gpu_check.py)."""
+    import shlex
+    import tempfile
+    from bench import gpu_check
+    monkeypatch.setattr(sys, "path", list(sys.path))          # the cell puts the clone on sys.path
+    ns = {}
+    exec(_cells("GUPPY_REPO = ")[0] + "\n" + _cells("def sh(")[0], ns)
+    ran = []
+    ns.update(GPU=True, REPO_DIR=ROOT, sh=ran.append)
+    exec(_cells("GPU parity tests")[0], ns)
+    assert ns["STAGES"] == {"GPU parity tests": "pass"}
+    junit = os.path.join(tempfile.gettempdir(), "guppy-gpu-tests.xml")
+    assert [shlex.split(cmd) for cmd in ran] == [gpu_check.gpu_tests_command(junit)]

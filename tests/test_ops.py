@@ -108,14 +108,14 @@ def test_choose_attention(cap, version, dtype, D, csrc_ok, expected):
         assert "no nvcc (planted)" in why
 
 
-def test_triton_head_dims_are_the_kernels_limits():
+def test_triton_head_dims_are_the_kernels_limits(device):
     """TRITON_HEAD_DIMS copies kernels/attention.py's limit; the kernel accepts its ends and refuses one past them."""
     from guppy.kernels.attention import attention
     for D in (ops.TRITON_HEAD_DIMS[0], ops.TRITON_HEAD_DIMS[-1]):
-        q = torch.randn(1, 1, 2, D)
+        q = torch.randn(1, 1, 2, D, device=device)
         torch.testing.assert_close(attention(q, q, q), attention_reference(q, q, q), rtol=1e-4, atol=1e-5)
     for D in (ops.TRITON_HEAD_DIMS[0] - 1, ops.TRITON_HEAD_DIMS[-1] + 1):
-        q = torch.randn(1, 1, 2, D)
+        q = torch.randn(1, 1, 2, D, device=device)
         with pytest.raises(ValueError, match="head dim"):
             attention(q, q, q)
 
