@@ -25,7 +25,7 @@ this file yet; the JSON records each stage's seconds, so the next run can size t
     1      csrc-build           150    nvcc build for the GPU's own arch + self-check (available())
     1      csrc-build-sm75      150    GUPPY_CSRC_ARCH=75: the T4 code as compute_75 PTX, JIT-compiled here + self-check
     1      data                  60    4,000 conversations for the step stage
-    2      tests                150    every kernel test on CUDA tensors (fp16 and bf16 cases): pass/fail/skip counts
+    2      tests                150    GPU_TEST_FILES -k GPU_TEST_KEYWORD on CUDA tensors (CI runs it compiled on a CPU)
     2      csrc-sm75-parity      90    tests/test_csrc_attention.py with GUPPY_CSRC_ARCH=75
     2      memcheck              90    compute-sanitizer on bench/csrc_sanitize.py (packed, causal, dropout, fwd+bwd)
     2      racecheck            120    the same, shared-memory races
@@ -517,6 +517,21 @@ def stage_data(ctx):
 
 GPU_TEST_FILES = ["test_layer_norm.py", "test_attention.py", "test_gemm_softmax.py", "test_cross_entropy.py",
                   "test_csrc_attention.py", "test_ops.py", "test_fast_path.py", "test_model.py", "test_convergence.py"]
+# On a GPU: every case on CUDA tensors, with the kernels compiled. "not cpu" leaves out what runs on the CPU whatever
+# the machine (csrc's host-emulator cases, the interpreter-only tests, `cpu_only` ones: tests/conftest.py), which CI
+# runs. The notebook's "GPU parity tests" run this selection too, and CI runs it with the kernels compiled on the CPU
+# (GUPPY_TEST_COMPILED=1, tests/test_gpu_check.py), where a CPU tensor handed to a kernel fails as it would here.
+GPU_TEST_KEYWORD = "not cpu"
+
+
+def gpu_test_files() -> list[str]:
+    """GPU_TEST_FILES that are in this tree, relative to the repository root."""
+    return [os.path.join("tests", f) for f in GPU_TEST_FILES if os.path.exists(os.path.join(ROOT, "tests", f))]
+
+
+def gpu_tests_command(junit, workers=0) -> list[str]:
+    """The tests stage's pytest command (run it from the repository root)."""
+    return pytest_command(gpu_test_files(), junit, GPU_TEST_KEYWORD, workers)
 
 
 def pytest_command(files, junit, keyword, workers=0) -> list[str]:
@@ -544,13 +559,11 @@ def _xdist_workers() -> int:
     return min(8, os.cpu_count() or 1) if importlib.util.find_spec("xdist") else 0
 
 
-def stage_tests(ctx):
+def stage_tests(ctx, run=run_pytest):
     need_cuda(ctx)
-    files = [os.path.join("tests", f) for f in GPU_TEST_FILES if os.path.exists(os.path.join(ROOT, "tests", f))]
-    # on a GPU: every case on CUDA tensors (the CPU-device csrc cases are the emulator's, which CI runs);
     # CPU smoke: a few real cases and the GPU ones collected and skipped
-    keyword = "int32_targets or gpu or cuda" if ctx.smoke else "not cpu"
-    run_pytest(files, os.path.join(ctx.work, "tests.xml"), keyword, 0 if ctx.smoke else _xdist_workers())
+    keyword = "int32_targets or gpu or cuda" if ctx.smoke else GPU_TEST_KEYWORD
+    run(gpu_test_files(), os.path.join(ctx.work, "tests.xml"), keyword, 0 if ctx.smoke else _xdist_workers())
 
 
 def stage_csrc_sm75_parity(ctx):
@@ -634,10 +647,12 @@ def update_difference(start, a, b) -> float:
     return worst
 
 
-def graph_vs_eager(device, smoke, steps=5, timed_steps=None, make_graph_step=None):
+def graph_vs_eager(device, smoke, steps=5, timed_steps=None, make_graph_step=None, fp16=False):
     """Two identical guppy-9m-fast models (dropout off: a replay and an eager step draw different randomness) take the
     same `steps` batches, one through CudaGraphStep (3 eager warm-up steps, then capture, then replays), one through
-    train_step. Returns losses, the relative weight difference, and (GPU) ms per step of each."""
+    train_step. Returns losses, the relative weight difference, and (GPU) ms per step of each.
+    fp16: the T4's path on any GPU (fp16 autocast and a GradScaler, whose unscale/clip/step/update are captured);
+    on the CPU, fp32 with an enabled GradScaler."""
     import torch
     from guppy.config import ModelConfig, preset
     from guppy.data import Batcher
@@ -656,15 +671,15 @@ def graph_vs_eager(device, smoke, steps=5, timed_steps=None, make_graph_step=Non
     split = synthetic_split(400 if smoke else 4000, model_cfg.vocab_size)
     batcher = Batcher(split, cfg.batch_size, model_cfg.max_seq_len, "packed", seed=0)
     batches = [batcher.next_batch().to(dev) for _ in range(steps + timed_steps)]
-    amp = autocast_dtype(dev)
     graphs = dev.type == "cuda"
+    amp = torch.float16 if fp16 and graphs else autocast_dtype(dev)
 
     def make():
         torch.manual_seed(0)
         model = GuppyLM(model_cfg).to(dev)
-        opt = make_optimizer(model, cfg, dev, cuda_graphs=graphs)
+        opt = make_optimizer(model, cfg, dev, cuda_graphs=True)  # lr tensors, as a graph reads them
         set_lr(opt, cfg.lr)
-        return model, opt, torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+        return model, opt, torch.amp.GradScaler(dev.type, enabled=fp16 or amp == torch.float16)
 
     (m_e, opt_e, sc_e), (m_g, opt_g, sc_g) = make(), make()
     start = [p.detach().clone() for p in m_e.parameters()]
@@ -672,10 +687,9 @@ def graph_vs_eager(device, smoke, steps=5, timed_steps=None, make_graph_step=Non
         return train_step(m_e, b, opt_e, sc_e, cfg.grad_clip, dev, amp)
 
     def graph_step(model, opt, scaler):
-        if graphs:
-            return CudaGraphStep(model, opt, scaler, cfg.grad_clip, amp)
-        # the CPU twin: no capture exists there, so the eager step stands in for the graph (same comparison code)
-        return lambda b: train_step(model, b, opt, scaler, cfg.grad_clip, dev, amp)
+        step = CudaGraphStep(model, opt, scaler, cfg.grad_clip, amp)
+        # the CPU twin: no capture exists there, so the step's body (what the graph records) runs eagerly
+        return step if graphs else step._body
 
     graph = (make_graph_step or graph_step)(m_g, opt_g, sc_g)
     loss_e = [float(eager(b)) for b in batches[:steps]]
@@ -702,11 +716,15 @@ GRAPH_TOLERANCE = {"loss_max_rel_diff": 1e-3, "update_rel_diff": 5e-2}   # bitwi
 def stage_graph(ctx):
     need_cuda(ctx)
     r = graph_vs_eager(ctx.device, ctx.smoke)
-    head = f"loss rel diff {r['loss_max_rel_diff']:.2g}, weight update rel diff {r['update_rel_diff']:.2g}"
+    # the T4's path (fp16 + GradScaler, the scaled finish inside the graph) on this GPU too: no T4 runs gpu-check
+    r16 = graph_vs_eager(ctx.device, ctx.smoke, fp16=True)
+    r.update({f"fp16_{k}": v for k, v in r16.items()})
+    head = (f"loss rel diff {r['loss_max_rel_diff']:.2g} (fp16 {r16['loss_max_rel_diff']:.2g}), weight update rel "
+            f"diff {r['update_rel_diff']:.2g} (fp16 {r16['update_rel_diff']:.2g})")
     if "graph_ms" in r:
-        head += f"; eager {r['eager_ms']} ms/step, graph {r['graph_ms']} ms/step"
+        head += f"; eager {r['eager_ms']} ms/step, graph {r['graph_ms']} ms/step (fp16 {r16['graph_ms']})"
     report(**r, tolerance=GRAPH_TOLERANCE, headline=head)
-    bad = [k for k, tol in GRAPH_TOLERANCE.items() if not r[k] <= tol]
+    bad = [k for k, tol in GRAPH_TOLERANCE.items() if not (r[k] <= tol and r16[k] <= tol)]
     if bad:
         raise SystemExit(f"CUDA graph step differs from the eager step: {head} (tolerance {GRAPH_TOLERANCE})")
 

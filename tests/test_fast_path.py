@@ -4,7 +4,7 @@ On the CPU the "triton" ops run through the interpreter (LayerNorm with fused re
 segments, the fused LM head + loss). Dropout is off so that both paths compute the same function (the reference draws
 its dropout mask from torch's RNG, the kernels from Philox: equal in distribution, not element by element).
 On a GPU, the whole step as a CUDA graph is checked against the eager step. Its CPU twin runs CudaGraphStep's logic
-(warm-up, capture, static buffers, replay, the GradScaler outside the graph) with torch.cuda's graph and stream calls
+(warm-up, capture, static buffers, replay, the GradScaler inside the graph) with torch.cuda's graph and stream calls
 replaced by a recorded trace of aten ops, which is what a CUDA graph is.
 """
 import contextlib
@@ -17,12 +17,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import HAS_CUDA, requires_gpu
+from conftest import requires_gpu, requires_interpreter
 from guppy.config import ModelConfig, TrainConfig, preset
 from guppy.data import Batch, prepare
 from guppy.graphs import CudaGraphStep
 from guppy.model import GuppyLM
-from guppy.train import set_lr, train, train_step
+from guppy.train import make_optimizer, set_lr, train, train_step
 
 MINI = dict(vocab_size=384, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64, dropout=0.0)
 
@@ -49,7 +49,7 @@ def run(data_dir, out, ops, steps=20, device="cpu", **cfg_over):
     return losses(out)
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="the CPU/interpreter variant; the GPU one is test_cuda_graph_step_matches_eager")
+@requires_interpreter  # the CPU variant; on a GPU, test_cuda_graph_step_matches_eager runs the fast path
 def test_fast_path_matches_reference_on_cpu(data_dir, tmp_path):
     ref_train, ref_eval = run(data_dir, str(tmp_path / "ref"), "reference")
     fast_train, fast_eval = run(data_dir, str(tmp_path / "fast"), "triton")
@@ -149,17 +149,22 @@ def mini_batches(n, B=4, T=16, vocab=64):
     return out
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("scaled", [False, True], ids=["no-scaler", "grad-scaler"])
-def test_cuda_graph_step_logic_matches_eager_steps(fake_cuda_graphs, scaled):
+def test_cuda_graph_step_logic_matches_eager_steps(fake_cuda_graphs, scaled, optimizer):
     """3 warm-up steps, the capture, then replays, each on a new batch with a new learning rate: the same losses and
-    weights, bit for bit, as guppy.train.train_step run eagerly. With a GradScaler, unscale/clip/step stay outside the
-    graph (the bf16 path captures them)."""
+    weights, bit for bit, as guppy.train.train_step run eagerly. With a GradScaler (fp16, the T4), its unscale, the
+    clip, the step and the scale update are captured too: the recorder raises on any host read inside the capture,
+    which GradScaler.step makes for an optimizer that cannot skip a step on the device."""
     torch.manual_seed(0)
     eager = GuppyLM(ModelConfig(**{**MINI, "vocab_size": 64, "max_seq_len": 16}))
     graphed = copy.deepcopy(eager)
-    # as make_optimizer builds it for graphs: fused, capturable, lr a tensor the graph reads
-    opt_e, opt_g = (torch.optim.AdamW(m.parameters(), lr=torch.tensor(1e-2), fused=True, capturable=True)
-                    for m in (eager, graphed))
+    # as make_optimizer builds it for graphs: lr a tensor the graph reads; AdamW fused and capturable
+    cfg = TrainConfig(optimizer=optimizer, fused_adamw=True)
+    opt_e, opt_g = (make_optimizer(m, cfg, torch.device("cpu"), cuda_graphs=True) for m in (eager, graphed))
+    if optimizer == "adamw":  # make_optimizer fuses only on CUDA; torch's CPU AdamW fuses as well
+        opt_e, opt_g = (torch.optim.AdamW(m.parameters(), lr=torch.tensor(1e-2), fused=True, capturable=True)
+                        for m in (eager, graphed))
     scaler_e, scaler_g = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, enabled=scaled) for _ in range(2))
     step = CudaGraphStep(graphed, opt_g, scaler_g, grad_clip=1.0, amp_dtype=None, warmup=3)
     for i, b in enumerate(mini_batches(7)):
