@@ -168,18 +168,26 @@ def resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(m.group(1)), int(m.group(2))) if m else (None, None)
 
 
-def compile_entry(entry: dict, arch: int) -> dict:
-    """Cross-compile one entry for sm_<arch>. -> {shared, ptx, ttir, regs, local, seconds}."""
+def compile_entry(entry: dict, arch: int, resources: bool = True) -> dict:
+    """Cross-compile one entry for sm_<arch>. -> {shared, ptx, ttir, regs, local, seconds}.
+
+    An entry that carries "signature" and "attrs" (a launch recorded by guppy.launches: its exact specialisation) and
+    "options" (the launch's own, e.g. num_warps) compiles those instead of `signature()`'s from `types`.
+    resources=False leaves regs and local None (no cuobjdump run)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    sig, attrs = signature(entry["fn"], entry["constexprs"], entry["types"])
+    if "signature" in entry:
+        sig, attrs = entry["signature"], entry.get("attrs", {})
+    else:
+        sig, attrs = signature(entry["fn"], entry["constexprs"], entry["types"])
+    options = entry["options"] if "options" in entry else {"num_warps": entry["num_warps"],
+                                                           "num_stages": entry["num_stages"]}
     src = triton.compiler.ASTSource(fn=entry["fn"], signature=sig, constexprs=dict(entry["constexprs"]), attrs=attrs)
     t0 = time.perf_counter()
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]})
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(options))
     seconds = time.perf_counter() - t0
-    regs, local = resource_usage(k.asm.get("cubin", b""))
+    regs, local = resource_usage(k.asm.get("cubin", b"")) if resources else (None, None)
     return dict(shared=int(k.metadata.shared), ptx=k.asm.get("ptx", ""), ttir=k.asm.get("ttir", ""), regs=regs,
                 local=local, seconds=seconds)
 

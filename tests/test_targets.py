@@ -1,6 +1,7 @@
 """`guppy targets`, the one cross-compile harness: every configuration the Triton launchers can pick compiles for
 sm_75, sm_80 and sm_90 and fits; the CUDA C++ kernels use the T4's tensor cores without spilling; the verdicts, the
-signature builder and the ptxas / SASS parsers hold on fabricated input."""
+signature builder and the ptxas / SASS parsers hold on fabricated input. guppy.launches: the Triton specialisations
+one training step launches, recorded under the interpreter, and their cold compile for sm_75."""
 import json
 import os
 import subprocess
@@ -8,10 +9,11 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import guppy.kernels.cross_entropy as ce_mod
 import guppy.kernels.layer_norm as ln_mod
-from guppy import targets
+from guppy import launches, targets
 
 
 @pytest.mark.parametrize("kernel,expected", [("layer_norm", 2 * len(ln_mod.reachable_configs())),
@@ -160,3 +162,114 @@ def test_csrc_rows_sm75_sm80_tensor_cores_no_spills():
         assert r["ok"], r
         if r["arch"] == 75:
             assert r["hmma"] > 0 and r["ldsm"] > 0 and r["spill_bytes"] == 0 and r["shared"] <= 64 * 1024
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# guppy.launches: what one training step launches, and its cold compile
+# ----------------------------------------------------------------------------------------------------------------------
+# Small dims with the fast path's ops: N = 96 is not a power of two, V = 300 is not divisible by 16, head dim 32 is one
+# that csrc takes (so on sm_75 `auto` gives attention to csrc, and no Triton attention launches).
+SMALL = dict(ops="auto", d_model=96, n_heads=3, n_layers=2, ffn_hidden=64, vocab_size=300, max_seq_len=32)
+
+
+def _next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+@pytest.fixture(scope="module")
+def small_step():
+    return launches.record_launches("tiny", torch.float16, arch=75, batch_size=2, model_overrides=SMALL)
+
+
+def _only(recs, kernel, **constexprs):
+    found = [r for r in recs if r["kernel"] == kernel
+             and all(r["constexprs"][k] == v for k, v in constexprs.items())]
+    assert len(found) == 1, (kernel, constexprs, [r["config"] for r in recs])
+    return found[0]
+
+
+def _ptr_types(rec, *names):
+    return tuple(rec["signature"][n] for n in names)
+
+
+@pytest.mark.cpu_only
+def test_one_step_launches_layer_norm_and_cross_entropy_with_the_fp16_autocast_dtypes(small_step):
+    """Under fp16 autocast the residual stream (embeddings, parameters) is fp32 and nn.Linear returns fp16: norm1 and
+    the final norm normalise fp32 rows; norm2 takes the attention projection's fp16 output with the fp32 residual;
+    the LM head's logits chunks are fp16; every gradient reaching a LayerNorm is fp32."""
+    recs = small_step["launches"]
+    L, N, V = SMALL["n_layers"], SMALL["d_model"], SMALL["vocab_size"]
+    block_n = max(16, _next_pow2(N))                      # 128: the next power of two of d_model
+    block_m = max(1, 2048 // block_n)                     # rows per program: a tile of >= 2048 elements
+    block_v = min(4096, max(128, _next_pow2(V)))          # 512: next power of two of V, clamped to 128..4096
+    assert {r["kernel"] for r in recs} == {"layer_norm_fwd", "layer_norm_bwd", "cross_entropy_fwd"}
+    assert len(recs) == 5                                 # 2 LayerNorm forwards, 2 backwards, 1 cross-entropy
+
+    plain = _only(recs, "layer_norm_fwd", HAS_RESIDUAL=False)
+    fused = _only(recs, "layer_norm_fwd", HAS_RESIDUAL=True)
+    for r in (plain, fused):
+        assert (r["constexprs"]["BLOCK_N"], r["constexprs"]["BLOCK_M"]) == (block_n, block_m)
+        assert r["constexprs"]["HAS_WEIGHT"] and r["constexprs"]["HAS_BIAS"]
+        assert _ptr_types(r, "W", "B", "Mean", "Rstd") == ("*fp32",) * 4
+        assert r["attrs"]["N"] == "D" and r["attrs"]["M"] == "D"        # 96 and B·T = 64: multiples of 16
+    assert _ptr_types(plain, "X", "Y") == ("*fp32", "*fp32")
+    assert _ptr_types(fused, "X", "R", "H", "Y") == ("*fp16", "*fp32", "*fp32", "*fp32")
+    assert (plain["launches"], fused["launches"]) == (L + 1, L)          # norm1 of each block + the final norm; norm2
+
+    first = _only(recs, "layer_norm_bwd", HAS_DH=False)
+    second = _only(recs, "layer_norm_bwd", HAS_DH=True)
+    for r in (first, second):
+        assert r["constexprs"]["HAS_DY"] and r["constexprs"]["BLOCK_N"] == block_n
+        assert _ptr_types(r, "DY", "DH", "X", "DX", "DW", "DB") == ("*fp32",) * 6
+    assert (first["launches"], second["launches"]) == (L + 1, L)
+
+    ce = _only(recs, "cross_entropy_fwd")
+    assert ce["constexprs"] == dict(COMPUTE_GRAD=True, HAS_SMOOTHING=False, BLOCK_V=block_v)
+    assert _ptr_types(ce, "Logits", "Grad", "Target", "Loss", "Scale") == ("*fp16", "*fp16", "*i64", "*fp32", "*fp32")
+    assert ce["attrs"]["V"] == ""                                        # 300 is not a multiple of 16
+    assert small_step["launches_recorded"] == sum(r["launches"] for r in recs)
+    assert "csrc" in small_step["excluded"]["attention"]
+
+
+@pytest.mark.cpu_only
+def test_the_specialisations_do_not_depend_on_the_batch_size(small_step):
+    """Only launch counts change with B: no constexpr depends on the rows, M = B·T stays a multiple of 16, and the LM
+    head's chunks keep the Target and Loss slices 16-byte aligned."""
+    one = launches.record_launches("tiny", torch.float16, arch=75, batch_size=1, model_overrides=SMALL)
+
+    def keys(rec):
+        return sorted(json.dumps({k: v for k, v in r.items() if k != "launches"}, sort_keys=True)
+                      for r in rec["launches"])
+    assert keys(one) == keys(small_step)
+
+
+@pytest.mark.cpu_only
+def test_a_preset_without_triton_ops_launches_nothing():
+    rec = launches.record_launches("tiny", torch.float16, arch=75, batch_size=1)      # "tiny" runs the reference ops
+    assert rec["launches"] == [] and rec["launches_recorded"] == 0 and "all" in rec["excluded"]
+
+
+@pytest.mark.cpu_only
+def test_recording_refuses_where_triton_attention_would_run():
+    with pytest.raises(ValueError, match="Triton attention"):
+        launches.record_launches("tiny", torch.bfloat16, arch=80, batch_size=1, model_overrides=SMALL)
+
+
+@pytest.mark.cpu_only
+def test_cold_compile_of_the_recorded_step_for_sm75(small_step):
+    """Each recorded specialisation compiles for sm_75 from an empty cache, in a process of its own."""
+    import triton
+    out = launches.cold_compile_seconds(small_step["launches"], arch=75)
+    assert out["arch"] == 75 and out["triton"] == triton.__version__
+    assert [(k["kernel"], k["config"]) for k in out["kernels"]] == [(r["kernel"], r["config"])
+                                                                    for r in small_step["launches"]]
+    seconds = [k["seconds"] for k in out["kernels"]]
+    assert all(s > 0 for s in seconds)
+    assert out["triton_compile_s"] >= max(seconds)
+    assert all(0 <= k["shared"] <= targets.ARCH_LIMITS[75].smem_per_block for k in out["kernels"])
+
+
+def test_preset_compile_seconds_without_triton_says_why(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)              # `import triton` raises ImportError
+    out = launches.preset_compile_seconds("guppy-9m-fast")
+    assert out["triton_compile_s"] is None and "triton" in out["skipped"]
