@@ -35,12 +35,14 @@ this file yet; the JSON records each stage's seconds, so the next run can size t
     3      graph                 45    guppy-9m-fast: 5 steps as a CUDA graph vs eager (losses, weights); ms per step
     3      kernels               75    bench kernels: guppy shape + one large shape per op, no torch.compile builds
     3      step                  45    bench step: guppy-9m ms/step and tokens/s, pad vs packed, reference vs auto
+    3      host                  60    bench host: the host side of guppy-9m-fast's loop on this machine's CPUs
 The stages of a phase run side by side (phase 3 alone on the GPU: it times things); a phase starts when the one
 before it ends. A run stops starting stages at DEADLINE_S (5 min 40 s): one not started says so.
 
 Output in DIR (default bench/results/gpu-check-<device>-<date>/), at most 8 files: gpu-check.json (device, versions,
 and per stage: name, status pass/fail/skip, why, seconds, budget, figures, first error line), gpu-check.log (every
-stage's whole output), kernels-*.json/png and step-*.json. The table printed last is what a remote tail shows.
+stage's whole output), kernels-*.json/png, step-*.json and host-*.json. The table printed last is what a remote
+tail shows.
 
 --cpu-smoke: the same stages on the CPU, tiny, in under 3 minutes (CI: tests/test_gpu_check.py). What only a GPU can
 do is skipped with its reason, or replaced by its CPU twin: the host-emulator csrc build, the sanitizer script on the
@@ -94,6 +96,7 @@ STAGES = [
     Stage("graph", 3, 45, 120),
     Stage("kernels", 3, 75, 120),
     Stage("step", 3, 45, 120),
+    Stage("host", 3, 60, 180),
 ]
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -805,13 +808,28 @@ def stage_step(ctx):
     report(**figures, headline=", ".join(f"{k} {v} ms" for k, v in ms.items()))
 
 
+def stage_host(ctx):
+    """python -m bench host on this machine's CPUs (no GPU needed: it times the host side of guppy-9m-fast's loop
+    with the arithmetic taken out), on the data stage's conversations, builds left to the csrc stages."""
+    import argparse
+    from bench import host
+    data = os.path.join(ctx.work, "data")
+    result = host.main(argparse.Namespace(data=data if os.path.exists(os.path.join(data, "meta.json")) else None,
+                                          steps=60 if ctx.smoke else None, no_builds=True, no_progress=True,
+                                          out=ctx.out))
+    keys = ("batch_ms", "host_ms_per_step", "syncs_per_step", "ops_outside_graph_per_step", "eval_s", "save_s",
+            "cpu_count")
+    report(**{k: result[k] for k in keys}, headline=f"{result['host_ms_per_step']} ms/step host side, batch "
+           f"{result['batch_ms']} ms, {result['syncs_per_step']} syncs/step on {result['cpu_count']} CPUs")
+
+
 STAGE_FUNCTIONS = {
     "install": stage_install, "environment": stage_environment, "csrc-build": stage_csrc_build,
     "csrc-build-sm75": stage_csrc_build, "data": stage_data, "tests": stage_tests,
     "csrc-sm75-parity": stage_csrc_sm75_parity, "memcheck": lambda c: stage_sanitizer(c, "memcheck"),
     "racecheck": lambda c: stage_sanitizer(c, "racecheck"), "synccheck": lambda c: stage_sanitizer(c, "synccheck"),
     "export": stage_export, "guppy-info": stage_guppy_info, "graph": stage_graph, "kernels": stage_kernels,
-    "step": stage_step,
+    "step": stage_step, "host": stage_host,
 }
 
 

@@ -199,13 +199,14 @@ def one_save(data_dir, cfg, model_cfg, work) -> tuple[float, str]:
 
 
 def timed_command(args: list[str]) -> float | None:
+    """Wall seconds of `python ARGS` in a fresh process (None, and one line, if it fails)."""
     t = time.perf_counter()
     r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - t
     if r.returncode:
         print(f"  {' '.join(args)} failed ({r.returncode}): {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
         return None
-    return seconds
+    return round(seconds, 2)
 
 
 def builds(result):
@@ -222,7 +223,7 @@ def builds(result):
 
 def main(args):
     model_cfg, cfg = preset(PRESET)
-    result = {**environment("cpu"), "benchmark": f"host side of {PRESET} (the T4 path: CUDA graphs, fp16, Muon)",
+    result = {**environment("cpu"), "benchmark": f"host side of {PRESET} (the T4 path: one CUDA graph a step, Muon)",
               "python": sys.version.split()[0], "preset": PRESET,
               "batch": f"{cfg.batch_size} x {model_cfg.max_seq_len} packed"}
     work = tempfile.mkdtemp(prefix="guppy-bench-host-")
@@ -267,8 +268,7 @@ def main(args):
     result["import_s"] = timed_command(["-c", "import guppy.train"])
     result["chat_first_reply_s"] = timed_command(["-m", "guppy", "chat", "--checkpoint", run_dir, "--device", "cpu",
                                                   "--prompt", "hi guppy", "--seed", "0"])
-    print(f"import guppy.train: {result['import_s']:.2f} s; guppy chat, first reply: "
-          f"{result['chat_first_reply_s']:.2f} s")
+    print(f"import guppy.train: {result['import_s']} s; guppy chat, first reply: {result['chat_first_reply_s']} s")
     if args.no_builds:
         result["csrc_build_s"] = result["triton_compile_s"] = None
         result["builds_skipped"] = "--no-builds"
