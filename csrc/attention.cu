@@ -19,19 +19,38 @@
 //   attn_bwd_small<D>   (B*H)               T <= 128 and D <= 64: both backward passes in one launch
 // Shared memory is dynamic only; guppy_attn_smem() gives each kernel's bytes (`guppy targets` lists them).
 //
-// Dtypes and limits: fp16 in and out, fp32 accumulation and lse; D in {32, 64, 128}; any T >= 1 (tails zero-filled
-// and masked); Tq == Tk; every row sees at least one key (true for causal and segment masks: i sees itself); Q/K/V
-// need a contiguous last dimension and 16-byte aligned rows (strides multiples of 8 elements); O, dO, dQ, dK, dV
-// contiguous. Tiles are skipped by segment only when the ids are non-decreasing along T (a device-side check sets
-// the seg_sorted flag; otherwise every tile is computed with the per-element mask: still exact). Dropout: philox.cuh
-// (Philox4x32-10 on (seed, b, h, i, j), never stored). The seed and the flag live in device memory, so no launch
-// waits on the host and a captured CUDA graph draws a fresh mask per replay.
+// Dtypes and limits: fp16 in and out, fp32 accumulation and lse; D in {32, 64, 128} (which of them a build holds:
+// GUPPY_HEAD_DIM_* below); any T >= 1 (tails zero-filled and masked); Tq == Tk; every row sees at least one key (true
+// for causal and segment masks: i sees itself); Q/K/V need a contiguous last dimension and 16-byte aligned rows
+// (strides multiples of 8 elements); O, dO, dQ, dK, dV contiguous. Tiles are skipped by segment only when the ids are
+// non-decreasing along T (a device-side check sets the seg_sorted flag; otherwise every tile is computed with the
+// per-element mask: still exact). Dropout: philox.cuh (Philox4x32-10 on (seed, b, h, i, j), never stored). The seed
+// and the flag live in device memory, so no launch waits on the host and a captured CUDA graph draws a fresh mask per
+// replay.
 //
 // Versions, ptxas figures and the open work: notes/csrc.md. The T4 projection: notes/t4-projection.md.
 #include <string.h>
 #include "warp_ops.cuh"
 #include "philox.cuh"
 #include "attention_api.h"
+
+// Which head dims are compiled in: GUPPY_HEAD_DIM_32 / _64 / _128 = 1 or 0, set by csrc/extension.py from the caller's
+// head_dims (a cold build for one model compiles one D: about a third of this file's nvcc time); none set = all three.
+// A D left out is refused by the launchers below with an error message; it is never launched.
+#if !defined(GUPPY_HEAD_DIM_32) && !defined(GUPPY_HEAD_DIM_64) && !defined(GUPPY_HEAD_DIM_128)
+#define GUPPY_HEAD_DIM_32 1
+#define GUPPY_HEAD_DIM_64 1
+#define GUPPY_HEAD_DIM_128 1
+#endif
+#ifndef GUPPY_HEAD_DIM_32
+#define GUPPY_HEAD_DIM_32 0
+#endif
+#ifndef GUPPY_HEAD_DIM_64
+#define GUPPY_HEAD_DIM_64 0
+#endif
+#ifndef GUPPY_HEAD_DIM_128
+#define GUPPY_HEAD_DIM_128 0
+#endif
 
 namespace guppy_attn {
 
@@ -615,31 +634,63 @@ const char* bwd_launch(const GuppyAttnParams& p, void* stream) {
 
 }  // namespace guppy_attn
 
+// a D the kernels take but this build left out, or one they do not take: the launchers' message
+static const char* guppy_attn_no_instance(int D) {
+    switch (D) {
+        case 32: return "head dim 32 is not compiled into this build (extension.load(head_dims=...) selects them)";
+        case 64: return "head dim 64 is not compiled into this build (extension.load(head_dims=...) selects them)";
+        case 128: return "head dim 128 is not compiled into this build (extension.load(head_dims=...) selects them)";
+        default: return "head dim D must be 32, 64 or 128";
+    }
+}
+
 const char* guppy_attn_fwd(const GuppyAttnParams& p, void* stream) {
     switch (p.D) {
+#if GUPPY_HEAD_DIM_32
         case 32: return guppy_attn::fwd_launch<32>(p, stream);
+#endif
+#if GUPPY_HEAD_DIM_64
         case 64: return guppy_attn::fwd_launch<64>(p, stream);
+#endif
+#if GUPPY_HEAD_DIM_128
         case 128: return guppy_attn::fwd_launch<128>(p, stream);
-        default: return "head dim D must be 32, 64 or 128";
+#endif
+        default: return guppy_attn_no_instance(p.D);
     }
 }
 
 const char* guppy_attn_bwd(const GuppyAttnParams& p, void* stream) {
     switch (p.D) {
+#if GUPPY_HEAD_DIM_32
         case 32: return guppy_attn::bwd_launch<32>(p, stream);
+#endif
+#if GUPPY_HEAD_DIM_64
         case 64: return guppy_attn::bwd_launch<64>(p, stream);
+#endif
+#if GUPPY_HEAD_DIM_128
         case 128: return guppy_attn::bwd_launch<128>(p, stream);
-        default: return "head dim D must be 32, 64 or 128";
+#endif
+        default: return guppy_attn_no_instance(p.D);
     }
 }
 
 size_t guppy_attn_smem(const char* kernel, int D) {
     switch (D) {
+#if GUPPY_HEAD_DIM_32
         case 32: return guppy_attn::smem_bytes<32>(kernel);
+#endif
+#if GUPPY_HEAD_DIM_64
         case 64: return guppy_attn::smem_bytes<64>(kernel);
+#endif
+#if GUPPY_HEAD_DIM_128
         case 128: return guppy_attn::smem_bytes<128>(kernel);
+#endif
         default: return 0;
     }
+}
+
+int guppy_attn_has_head_dim(int D) {
+    return (D == 32 && GUPPY_HEAD_DIM_32) || (D == 64 && GUPPY_HEAD_DIM_64) || (D == 128 && GUPPY_HEAD_DIM_128);
 }
 
 void guppy_attn_dropout_mask(uint8_t* keep, int B, int H, int T, float p, unsigned long long seed) {

@@ -35,6 +35,8 @@ const char* guppy_attn_bwd(const GuppyAttnParams& p, void* stream);
 // Dynamic shared memory (bytes) the launcher requests for `kernel` ("fwd", "bwd_dq", "bwd_dkv", "bwd_small") at head
 // dim D; 0 for an instance that is not built. `guppy targets` reads it (one source: attention.cu's tile sizes).
 size_t guppy_attn_smem(const char* kernel, int D);
+// 1 when the kernels for head dim D are compiled into this build (GUPPY_HEAD_DIM_* in attention.cu), else 0.
+int guppy_attn_has_head_dim(int D);
 // The dropout keep mask the kernels use, regenerated on the host: keep (B, H, T, T) as 0/1 bytes.
 void guppy_attn_dropout_mask(uint8_t* keep, int B, int H, int T, float p, unsigned long long seed);
 

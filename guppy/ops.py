@@ -169,7 +169,9 @@ def _auto_gpu_attention(q: torch.Tensor) -> Callable:
     from guppy import csrc
     triton_version = _triton_version()
     cap = torch.cuda.get_device_capability(q.device)
-    name, why = choose_attention(cap, triton_version, q.dtype, q.shape[-1], lambda: csrc.available(q.device))
+    # csrc builds only this head dim: a cold build on a T4 compiles one instance of each kernel, not three
+    name, why = choose_attention(cap, triton_version, q.dtype, q.shape[-1],
+                                 lambda: csrc.available(q.device, head_dims=(q.shape[-1],)))
     said = (str(q.device), q.dtype, q.shape[-1])
     if said not in _SAID:
         _SAID.add(said)

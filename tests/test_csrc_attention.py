@@ -402,6 +402,13 @@ def test_no_cuda_device_is_a_reason(monkeypatch):
     assert csrc.available("cuda") == (False, "no CUDA device available")
 
 
+class FakeExtension:
+    """extension.Extension without a library behind it: holds what the build was asked for."""
+
+    def __init__(self, name, path, emulated):
+        self.name, self.path, self.emulated, self.head_dims = name, path, emulated, extension.HEAD_DIMS
+
+
 @pytest.mark.parametrize("capability,arch_env,gencode,suffix", [
     ((7, 5), None, "-gencode=arch=compute_75,code=sm_75", "-sm75"),
     ((9, 0), None, "-gencode=arch=compute_90,code=sm_90", "-sm90"),
@@ -416,13 +423,16 @@ def test_cuda_build_arguments(monkeypatch, tmp_path, capability, arch_env, genco
     monkeypatch.setattr(extension, "_MODULES", {})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(extension, "nvcc_release", lambda nvcc: (12, 8))
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
-    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or "module")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or "/built/guppy.so")
+    monkeypatch.setattr(extension, "Extension", FakeExtension)
     if arch_env:
         monkeypatch.setenv("GUPPY_CSRC_ARCH", arch_env)
     else:
         monkeypatch.delenv("GUPPY_CSRC_ARCH", raising=False)
-    assert extension.load("cuda") == "module" and extension.load("cuda") == "module"   # the second from memory
+    assert extension.load("cuda") is extension.load("cuda")   # the second from memory
     (kw,) = calls
     assert [os.path.basename(s) for s in kw["sources"]] == ["attention_cuda.cpp", "attention.cu", "emu_tests.cu"]
     assert gencode in kw["extra_cuda_cflags"]

@@ -168,7 +168,7 @@ def test_auto_reads_csrc_availability_from_its_one_cache(fake_t4, capsys):
     from guppy import csrc
     q, _, _ = qkv(64)
     answers = []
-    fake_t4.setattr(csrc, "available", lambda device: answers[-1])
+    fake_t4.setattr(csrc, "available", lambda device, head_dims=None: answers[-1])
     answers.append((True, ""))
     assert ops._auto_gpu_attention(q) is csrc.attention
     answers.append((False, "self-check failed: out (planted)"))
