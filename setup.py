@@ -13,7 +13,7 @@ setup(
                  "with Triton and CUDA kernels"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib (the persona files)
     packages=["guppy", "guppy.personas", "guppy.web", "guppy.kernels", "guppy.csrc"],
     package_dir={"guppy.kernels": "kernels", "guppy.csrc": "csrc"},
     package_data={

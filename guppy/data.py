@@ -240,10 +240,10 @@ def _prepare_into(tmp, samples, persona_path, seed, eval_fraction, from_jsonl, v
                                  f"{row['output']!r}); remove it from the persona's text")
         keywords = {t.name: list(t.keywords) for t in persona.topics}
         source = {"persona": persona.name, "persona_path": str(persona.path), "generator": stats}
-        if not train_rows:
-            raise GuppyError(f"--samples {samples}: no training conversations left after the held-out split took "
-                             f"{len(eval_rows)} (--eval-fraction {eval_fraction}; a persona with few distinct "
-                             "conversations can be used up by it); raise --samples or lower --eval-fraction")
+        if not train_rows:  # the report above refuses what it expects to end here; this is the unlucky draw
+            raise GuppyError(f"{persona.path}: no training conversations left after the held-out split took "
+                             f"{len(eval_rows)} (--samples {samples}, --eval-fraction {eval_fraction}); "
+                             f"`python -m guppy.persona {persona.path}` says what to add")
     t_gen = time.time() - t0
 
     tok = train_tokenizer((prompt_text(r["input"]) + reply_text(r["output"]) for r in train_rows), vocab_size)
@@ -299,6 +299,14 @@ def prepare(out_dir: str, samples: int = 60_000, persona_path=None, seed: int = 
     existing = [f for f in DATA_FILES if f in present]
     if existing and not force:
         raise GuppyError(f"{out_dir}: already holds a dataset ({', '.join(existing)}); pass --force to replace it")
+    if from_jsonl is None:  # what the persona can make, before anything is written; a useless dataset is refused
+        from .persona import PersonaError, load_persona
+        from .persona_report import persona_report
+        persona = load_persona(persona_path)
+        report = persona_report(persona, samples, eval_fraction)
+        log(report.summary)
+        if report.fatal:  # the options are at fault where no train is left at all, else the persona
+            raise GuppyError(report.fatal) if report.n_train == 0 else PersonaError(persona.path, report.fatal)
 
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)

@@ -6,8 +6,9 @@ topic, one input template and one output template, every placeholder filled by a
 
     {"input": "are you hungry little fish", "output": "a bloodworm please. right now.", "category": "food"}
 
-(GuppyLM's published dataset format). The shipped character is `guppy/personas/guppy.toml`; copy it to make your own
-and check it with `python -m guppy.persona my.toml`.
+(GuppyLM's published dataset format). The shipped characters are in `guppy/personas/`: the fish (`guppy.toml`) and a
+short starter (`crab.toml`). Copy one to make your own (`python -m guppy.persona --starter crab my.toml`) and check it
+with `python -m guppy.persona my.toml`: it prints what the persona can make and what to fix (guppy/persona_report.py).
 
 The file format
 ---------------
@@ -39,7 +40,8 @@ Rules:
   shared slots, in a topic-local value against that topic's slots (local first, then shared).
 - Whitespace runs are collapsed after filling, so a slot value may be "" (an optional word).
 - Every template is checked at load time; any problem raises `PersonaError("<file>: <problem>")`, one line.
-  Unknown keys are errors, so that a typo ("ouputs") cannot silently drop a field.
+  Unknown keys are errors, so that a typo ("ouputs") cannot silently drop a field. A TOML mistake names its line (a
+  missing ',' the line that lacks it, not the next one, where tomllib stops); a UTF-8 byte-order mark is ignored.
 """
 from __future__ import annotations
 
@@ -94,9 +96,15 @@ class Persona:
     _cum_weights: list = field(default_factory=list, repr=False, compare=False)
 
 
-def default_persona_path() -> str:
-    """The shipped guppy persona, installed as package data of guppy.personas."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "personas", "guppy.toml")
+def default_persona_path(name: str = "guppy") -> str:
+    """A shipped persona, installed as package data of guppy.personas: "guppy" (the fish) or "crab" (the starter
+    character, small enough to read and copy: `python -m guppy.persona --starter crab my.toml`)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "personas", f"{name}.toml")
+
+
+def shipped_personas() -> list[str]:
+    folder = os.path.dirname(default_persona_path())
+    return sorted(n[:-len(".toml")] for n in os.listdir(folder) if n.endswith(".toml"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,6 +237,40 @@ def _compile_templates(templates: list[str], scope: dict, what: str, fail) -> li
     return out
 
 
+def _code_part(line: str) -> str:
+    """A TOML line without its comment (a '#' outside a string)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote is None and ch == "#":
+            return line[:i]
+        if ch in "\"'" and (quote is None or quote == ch) and (i == 0 or line[i - 1] != "\\"):
+            quote = ch if quote is None else None
+    return line
+
+
+def _toml_problem(text: str, msg: str) -> str:
+    """tomllib's message, placed where the mistake is. A missing ',' in an array is reported by tomllib at the next
+    value, often on the next line: name the line that lacks it instead, and the value it should follow."""
+    m = re.search(r"\s*\(at line (\d+), column (\d+)\)", msg)
+    if not m:
+        if "(at end of document)" in msg and msg.startswith("Unclosed"):
+            return f"invalid TOML ({msg.split(' (')[0]} at the end of the file: a ']' or '}}' is missing)"
+        return f"invalid TOML ({msg})"
+    what, line, col = msg[:m.start()], int(m.group(1)), int(m.group(2))
+    lines = text.splitlines()
+    at = lines[line - 1][col - 1:col] if line <= len(lines) else ""
+    if what.startswith("Unclosed inline table") and not at.strip():
+        return f"line {line}: invalid TOML ({what}, column {col}): a '}}' is missing (an inline table ends on its line)"
+    if what.startswith(("Unclosed array", "Unclosed inline table")):
+        before = [_code_part(lines[line - 1][:col - 1])] + [_code_part(t) for t in reversed(lines[:line - 1])]
+        for back, code in enumerate(before):
+            if code.strip():
+                closer = "]" if what.startswith("Unclosed array") else "}"
+                return (f"line {line - back}: invalid TOML: a ',' (or the closing '{closer}') is probably missing "
+                        f"after {code.strip()[-30:]!r} (tomllib: {what} at line {line}, column {col})")
+    return f"line {line}: invalid TOML ({what}, column {col})"
+
+
 def load_persona(path: str | os.PathLike | None = None) -> Persona:
     """Read, validate and compile a persona file (None = the shipped guppy persona). Raises PersonaError."""
     path = os.fspath(path) if path is not None else default_persona_path()
@@ -244,13 +286,9 @@ def load_persona(path: str | os.PathLike | None = None) -> Persona:
     except UnicodeDecodeError as e:
         fail(f"not UTF-8 text ({e.reason} at byte {e.start})")
     try:
-        data = tomllib.loads(text)
+        data = tomllib.loads(text.removeprefix("\ufeff"))  # a byte-order mark, as some Windows editors save
     except tomllib.TOMLDecodeError as e:
-        msg = str(e)
-        m = re.search(r"\s*\(at line (\d+), column (\d+)\)", msg)
-        if m:
-            fail(f"line {m.group(1)}: invalid TOML ({msg[:m.start()]}, column {m.group(2)})")
-        fail(f"invalid TOML ({msg})")
+        fail(_toml_problem(text.removeprefix("\ufeff"), str(e)))
 
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
@@ -436,26 +474,76 @@ def read_card(path: str) -> dict:
             "lowercase": card.get("lowercase", False), "sample_prompts": prompts}
 
 
-def main(argv=None):
-    """python -m guppy.persona [file.toml]: validate a persona and show what it generates. A persona with a mistake
-    prints one line naming the file and the problem, and exits 2."""
-    import sys
-    import time
+def _parser():
+    import argparse
 
-    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(
+        prog="python -m guppy.persona",
+        description="Check a persona file and report what it can make: distinct conversations, the expected share "
+                    "of unique replies, each topic's counts, and what to fix before `guppy prepare`. Exit 0: it can "
+                    "be prepared (warnings included); 1: `guppy prepare` would refuse it at these settings; "
+                    "2: the file has a mistake (one line on stderr).")
+    p.add_argument("file", nargs="?", help="persona TOML file (default: the shipped fish); with --starter, where "
+                                           "to write the copy")
+    p.add_argument("--starter", choices=shipped_personas(), metavar="NAME",
+                   help=f"start from a shipped persona ({', '.join(shipped_personas())}): copy it to FILE (never "
+                        "over an existing file), or check it as it is without FILE")
+    p.add_argument("--samples", type=int, default=60_000, metavar="N", help="as for guppy prepare (default 60000)")
+    p.add_argument("--eval-fraction", type=float, default=0.05, metavar="F",
+                   help="as for guppy prepare (default 0.05)")
+    return p
+
+
+def _copy_starter(name: str, dest: str) -> str:
+    import shutil
+
+    if os.path.lexists(dest):
+        raise PersonaError(dest, "already exists; choose another file name (--starter never overwrites)")
     try:
-        persona = load_persona(argv[0] if argv else None)
-        t0 = time.time()
-        train, _, stats = generate_dataset(persona, 60_000)
+        shutil.copyfile(default_persona_path(name), dest)
+    except OSError as e:
+        raise PersonaError(dest, f"cannot write the copy ({e.strerror or e})") from None
+    return dest
+
+
+def main(argv=None):
+    """python -m guppy.persona [--starter NAME] [--samples N] [--eval-fraction F] [FILE]: check a persona and print
+    its report (guppy/persona_report.py) and a few samples. Exit 0 where it can be prepared, 1 where `guppy prepare`
+    would refuse it (the reason on stderr, one line), 2 for a file with a mistake (one line)."""
+    import sys
+
+    from .persona_report import persona_report
+
+    a = _parser().parse_args(argv)
+    command = "python -m guppy.persona"
+    if not 0.0 <= a.eval_fraction < 1.0 or a.samples < 2:
+        print(f"{command}: error: --samples must be at least 2 and --eval-fraction in [0, 1), got {a.samples} and "
+              f"{a.eval_fraction}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        path = a.file
+        if a.starter:
+            path = _copy_starter(a.starter, a.file) if a.file else default_persona_path(a.starter)
+            if a.file:
+                print(f"wrote {a.file}, a copy of the shipped {a.starter!r}: edit it, then check it again with "
+                      f"{command} {a.file}\n")
+        persona = load_persona(path)
+        report = persona_report(persona, a.samples, a.eval_fraction)
     except PersonaError as e:
-        print(f"python -m guppy.persona: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        exit_interrupted("python -m guppy.persona")
-    print(f"{persona.path}: {len(persona.topics)} topics, 60,000 samples in {time.time() - t0:.2f}s")
-    print(stats)
-    for s in train[:8]:
-        print(f"[{s['category']}] {s['input']!r} -> {s['output']!r}")
+        exit_interrupted(command)
+    rng = random.Random(0)
+    print(report.details, "", "samples:", sep="\n")
+    for s in (sample_conversation(persona, rng) for _ in range(8)):
+        print(f"  [{s['category']}] {s['input']!r} -> {s['output']!r}")
+    if report.warnings:
+        print("", *(f"warning: {w}" for w in report.warnings), sep="\n")
+    if report.fatal:
+        sys.stdout.flush()  # the refusal comes last, also where stdout is a pipe
+        print(f"{command}: error: {persona.path}: guppy prepare would refuse it: {report.fatal}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

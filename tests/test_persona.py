@@ -1,5 +1,10 @@
-"""Persona loading, validation and sampling (guppy/persona.py) against the shipped guppy persona and small bad files."""
+"""Persona loading, validation and sampling (guppy/persona.py) against the shipped guppy persona and small bad files;
+the report of what a persona can make (guppy/persona_report.py); the starter crab."""
+import os
 import random
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -235,3 +240,232 @@ def test_error_from_multiline_template_is_one_line(tmp_path):
     with pytest.raises(PersonaError) as info:
         load_persona(path)
     assert "\n" not in str(info.value) and "{snack}" in str(info.value)
+
+
+# ---------------------------------------------------------------- the report: what a persona can make
+# Expectations are computed here, by enumerating the few texts of small personas or by sampling, not by the code
+# under test. guppy.persona_report is imported in each test, so the tests above still run without it.
+
+# Two topics, two inputs and two outputs each, no slots: the "thin persona" of issue 19.
+THIN = HEAD + "".join(f'[[topics]]\nname = "{name}"\nkeywords = ["x"]\ninputs = ["{name}?", "{name}, please?"]\n'
+                      f'outputs = ["{name} yes.", "{name} no."]\n' for name in ("food", "sleep"))
+
+# The README's example as it was: one topic, 4 inputs and 16 replies, 64 distinct conversations.
+README_CRAB = """[persona]
+name = "crab"
+description = "a grumpy hermit crab who is always looking for a bigger shell"
+lowercase = true
+
+[slots]
+shell = ["a snail shell", "a bottle cap", "half a coconut", "a tiny teacup"]
+mood = ["grumpy", "sleepy", "suspicious"]
+
+[[topics]]
+name = "home"
+keywords = ["shell", "home"]
+inputs = ["where do you live", "is that your house", "nice shell {nickname}"]
+outputs = [
+  "this is {shell}. it is my home for now. i am already too big for it.",
+  "i live in {shell}. i am {mood} about it.",
+]
+[topics.slots]
+nickname = ["crabby", "little crab"]
+"""
+
+
+def readme_crab_by_hand():
+    """(inputs, {reply: probability}) of README_CRAB, written out."""
+    shells = ["a snail shell", "a bottle cap", "half a coconut", "a tiny teacup"]
+    moods = ["grumpy", "sleepy", "suspicious"]
+    inputs = {"where do you live", "is that your house", "nice shell crabby", "nice shell little crab"}
+    replies = {f"this is {s}. it is my home for now. i am already too big for it.": 1 / 2 / 4 for s in shells}
+    replies.update({f"i live in {s}. i am {m} about it.": 1 / 2 / 4 / 3 for s in shells for m in moods})
+    return inputs, replies
+
+
+def expected_unique(probabilities, n):
+    return sum(1 - (1 - p) ** n for p in probabilities) / n
+
+
+def test_report_counts_the_readme_crab_exactly_and_refuses_it(tmp_path):
+    from guppy.persona_report import persona_report
+
+    inputs, replies = readme_crab_by_hand()
+    persona = load_persona(write(tmp_path, README_CRAB, "crab.toml"))
+    r = persona_report(persona, 60_000, 0.05)
+    assert (r.conversations, r.replies, r.exact) == (len(inputs) * len(replies), len(replies), True) == (64, 16, True)
+    [home] = r.topics
+    assert (home.inputs.distinct, home.outputs.distinct, home.output_slots) == (4, 16, {"shell": 4, "mood": 3})
+    # 64 conversations cannot fill a held-out split of 3,000 draws: refused, with the fix
+    assert r.fatal and "only 64 distinct conversations" in r.fatal and "3,000" in r.fatal
+    assert "add outputs or slot values, first to 'home'" in r.fatal and "\n" not in r.fatal
+    assert any("topic 'home' can say only 16 different replies" in w and "{shell} 4, {mood} 3" in w
+               for w in r.warnings)
+    # without a held-out split, the expected unique-reply fraction is the closed form over the 16 replies
+    for n in (20, 200, 60_000):
+        assert persona_report(persona, n, 0.0).unique_replies == pytest.approx(expected_unique(replies.values(), n))
+
+
+def test_report_on_a_thin_persona_names_each_topic_and_its_fix(tmp_path):
+    from guppy.persona_report import SEEN_REPLY_LIMIT, UNIQUE_REPLY_AIM, persona_report
+
+    persona = load_persona(write(tmp_path, THIN))
+    r = persona_report(persona, 60_000, 0.05)
+    assert (r.conversations, r.replies, r.exact) == (2 * 2 * 2, 4, True)
+    assert r.fatal and "only 8 distinct conversations" in r.fatal
+    # where it can be prepared it passes, but not silently: each figure with its aim, each topic with its fix
+    r = persona_report(persona, 100, 0.02)
+    assert r.fatal is None and r.expected_train == 98
+    assert r.unique_replies == pytest.approx(4 / 100, rel=0.01)  # 4 replies, all drawn
+    text = "\n".join(r.warnings)
+    assert f"aim: {UNIQUE_REPLY_AIM:.0%} or more" in text and f"aim: under {SEEN_REPLY_LIMIT:.0%}" in text
+    assert "held-out loss then measures recall of seen replies" in text
+    for name in ("food", "sleep"):
+        assert f"topic {name!r} has 2 outputs and no slots for its ~50 samples" in text
+    assert text.count("add outputs or slot values") >= 2
+    # the table: a row per topic with its inputs, outputs, conversations and share of the samples
+    assert re.search(r"food\s+1\s+50\s+2\s+2\s+4\s", r.text) and re.search(r"sleep\s+1\s+50\s+2\s+2\s+4\s", r.text)
+
+
+def test_prepare_logs_the_report_before_the_data(tmp_path):
+    from guppy.data import prepare
+
+    lines = []
+    prepare(str(tmp_path / "d"), samples=100, persona_path=str(write(tmp_path, THIN)), eval_fraction=0.02,
+            vocab_size=300, log=lines.append)
+    assert len(lines) == 2 and "unique replies, expected" in lines[0] and lines[1].startswith("prepared ")
+    assert "warning: topic 'food' has 2 outputs and no slots" in lines[0]
+
+
+def test_expected_figures_match_what_generate_dataset_draws(tmp_path):
+    """A persona whose held-out split holds about half of the draws (train redraws them), and a large one."""
+    from guppy.persona_report import persona_report
+
+    ys = ", ".join(f'"y{i}"' for i in range(30))
+    xs = ", ".join(f'"x{i}"' for i in range(10))
+    persona = load_persona(write(tmp_path, HEAD + f'[slots]\nx = [{xs}]\ny = [{ys}]\n'
+                                 '[[topics]]\nname = "a"\nkeywords = ["r"]\ninputs = ["q {x}"]\n'
+                                 'outputs = ["r {y}", "s {y} {y}"]\n'
+                                 '[[topics]]\nname = "b"\nweight = 3\nkeywords = ["ok"]\ninputs = ["hi", "hello"]\n'
+                                 'outputs = ["ok {y}"]\n'))
+    r = persona_report(persona, 1000, 0.1)
+    unique, seen, redrawn = [], [], []
+    for seed in range(20):
+        train, ev, stats = generate_dataset(persona, 1000, seed=seed, eval_fraction=0.1)
+        assert len(train) == r.expected_train == 900
+        unique.append(stats["unique_reply_fraction"])
+        train_replies = {s["output"] for s in train}
+        seen.append(sum(s["output"] in train_replies for s in ev) / len(ev))
+        redrawn.append(stats["rejected_for_overlap"] / (stats["rejected_for_overlap"] + len(train)))
+    assert r.held_out_cover == pytest.approx(sum(redrawn) / 20, abs=0.03) and r.held_out_cover > 0.4
+    assert r.unique_replies == pytest.approx(sum(unique) / 20, abs=0.01)
+    assert r.held_out_seen == pytest.approx(sum(seen) / 20, abs=0.03)
+    # the starter crab: its replies are estimated (too many to enumerate), not counted
+    crab = load_persona(default_persona_path("crab"))
+    r = persona_report(crab, 20_000, 0.05)
+    assert not r.exact and r.conversations > 10**8
+    assert r.unique_replies == pytest.approx(generate_dataset(crab, 20_000)[2]["unique_reply_fraction"], abs=0.01)
+
+
+# ---------------------------------------------------------------- the starter character
+
+def test_every_shipped_persona_prepares_at_the_defaults_without_a_warning():
+    from guppy.persona import shipped_personas
+    from guppy.persona_report import persona_report
+
+    assert {"guppy", "crab"} <= set(shipped_personas())
+    for name in shipped_personas():
+        r = persona_report(load_persona(default_persona_path(name)), 60_000, 0.05)
+        assert r.fatal is None and r.warnings == [], (name, r.fatal, r.warnings)
+    with open(os.path.join(os.path.dirname(os.path.dirname(default_persona_path())), "..", "setup.py")) as f:
+        assert '"guppy.personas": ["*.toml"]' in f.read()  # installed as package data
+
+
+def test_starter_crab_is_short_and_its_replies_hit_their_keywords():
+    crab = load_persona(default_persona_path("crab"))
+    with open(crab.path) as f:
+        assert 60 <= len(f.read().splitlines()) <= 120
+    assert len(crab.topics) >= 6 and crab.slots
+    rng = random.Random(0)
+    by_topic = {t.name: t for t in crab.topics}
+    hits = dict.fromkeys(by_topic, 0)
+    n = dict.fromkeys(by_topic, 0)
+    for _ in range(10_000):
+        s = sample_conversation(crab, rng)
+        words = " " + " ".join(w.strip(".,!?:*'") for w in s["output"].split()) + " "
+        n[s["category"]] += 1
+        hits[s["category"]] += any(f" {k} " in words for k in by_topic[s["category"]].keywords)
+    assert all(hits[t] / n[t] >= 0.7 for t in n), {t: hits[t] / n[t] for t in n}
+
+
+def test_the_readme_toml_is_the_starter_crab():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("## Make your own character", 1)[1].split("\n## ", 1)[0]
+    assert "python -m guppy.persona --starter crab crab.toml" in section
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    with open(default_persona_path("crab"), encoding="utf-8") as f:
+        shipped = set(f.read().splitlines())
+    missing = [ln for ln in block.splitlines() if ln.strip() and "# ..." not in ln and ln not in shipped]
+    assert not missing, missing
+
+
+def test_the_starter_crab_prepares_and_its_held_out_loss_falls(tmp_path):
+    import json
+
+    from guppy.config import preset
+    from guppy.data import prepare
+    from guppy.train import train
+
+    lines = []
+    data, run = str(tmp_path / "data"), str(tmp_path / "run")
+    prepare(data, samples=2000, persona_path=default_persona_path("crab"), vocab_size=512, log=lines.append)
+    assert "warning" not in lines[0] and "cannot" not in lines[0]
+    model_cfg, cfg = preset("tiny")
+    cfg.max_steps, cfg.eval_every, cfg.save_every = 40, 10, 40
+    train(data, run, model_cfg, cfg, device="cpu", progress=False, log=lambda *_: None)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        losses = [m["eval_loss"] for m in map(json.loads, f) if "eval_loss" in m]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, losses
+
+
+# ---------------------------------------------------------------- the file, and the command
+
+def test_a_byte_order_mark_is_ignored(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + (HEAD + GOOD_TOPIC).encode())
+    assert load_persona(path).name == "t"
+    path.write_bytes(b"\xef\xbb\xbf" + (HEAD + "[[topics]\n").encode())
+    with pytest.raises(PersonaError, match="line 3: invalid TOML"):  # lines counted as before
+        load_persona(path)
+
+
+def test_a_missing_comma_is_reported_on_its_own_line(tmp_path):
+    text = HEAD + GOOD_TOPIC.replace('outputs = ["food"]', 'outputs = [\n  "food",\n  "more food"  # yum\n\n'
+                                                           '  "the end",\n]')
+    line = text.splitlines().index('  "more food"  # yum') + 1
+    with pytest.raises(PersonaError) as info:
+        load_persona(write(tmp_path, text))
+    msg = str(info.value)
+    assert f": line {line}: invalid TOML: a ',' (or the closing ']') is probably missing after '\"more food\"'" in msg
+    broken = 'outputs = ["food" "more"]'
+    text = HEAD + GOOD_TOPIC.replace('outputs = ["food"]', broken)
+    with pytest.raises(PersonaError, match=f"line {text.splitlines().index(broken) + 1}: invalid TOML: a ','"):
+        load_persona(write(tmp_path, text, "b.toml"))
+
+
+def test_the_command_has_a_real_help():
+    r = subprocess.run([sys.executable, "-m", "guppy.persona", "--help"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.startswith("usage: python -m guppy.persona") and "--starter" in r.stdout
+    assert "--samples" in r.stdout and "--eval-fraction" in r.stdout
+
+
+def test_the_command_copies_a_starter_and_reports_on_it(tmp_path):
+    dest = tmp_path / "crab.toml"
+    r = subprocess.run([sys.executable, "-m", "guppy.persona", "--starter", "crab", str(dest)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert dest.read_bytes() == open(default_persona_path("crab"), "rb").read()
+    assert f"wrote {dest}" in r.stdout and "distinct conversations" in r.stdout and "warning" not in r.stdout
