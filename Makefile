@@ -1,4 +1,4 @@
-# `make demo` (prepare, train, chat) and `make test` (the suite CI runs); `make lint` (ruff, ruff.toml) and
+# `make demo` (prepare, train or resume, chat) and `make test` (the suite CI runs); `make lint` (ruff, ruff.toml) and
 # `make targets` (cross-compile every kernel for sm_75/80/90, no GPU needed); `make gpu-check OUT=DIR` on a GPU machine.
 # Both use the active virtual environment, or create .venv when none is active.
 PYTHON ?= python3
@@ -12,7 +12,7 @@ RUN ?= runs/demo
 PYTEST_ARGS ?=
 ARCH ?= 75,80,90
 
-.PHONY: demo test lint targets install venv bench-step gpu-check clean
+.PHONY: demo demo-train test lint targets install venv bench-step gpu-check clean
 
 venv:
 	@test -x "$(PY)" || $(PYTHON) -m venv .venv
@@ -20,14 +20,23 @@ venv:
 install: venv
 	$(PY) -m pip install -q -e .
 
-demo: install
-	@test -f $(DATA)/meta.json || $(PY) -m guppy prepare --out $(DATA)
-	@preset=$$($(PY) -c "import torch; print('guppy-9m' if torch.cuda.is_available() else 'cpu-demo')"); \
-	if [ -f $(RUN)/latest.json ]; then echo "$(RUN) already trained; chatting with it (remove it to retrain)"; \
-	else $(PY) -m guppy train --data $(DATA) --out $(RUN) --preset $$preset; fi
+demo: demo-train
 	$(PY) -m guppy chat --checkpoint $(RUN) --seed 0 \
 		--prompt "hi guppy" --prompt "what do you like to eat?" --prompt "are you lonely?" \
 		--prompt "what is the meaning of life?"
+ifndef VIRTUAL_ENV
+	@echo "to use guppy in this shell: source .venv/bin/activate"
+endif
+
+# The data once, then the run: trained (guppy train picks cpu-demo without CUDA, guppy-9m with it), resumed where a
+# Ctrl-C stopped it, or left as it is once finished (`python -m guppy.runstate` says which).
+demo-train: install
+	@test -f $(DATA)/meta.json || $(PY) -m guppy prepare --out $(DATA)
+	@state=$$($(PY) -m guppy.runstate $(RUN)); case "$$state" in \
+	none) $(PY) -m guppy train --data $(DATA) --out $(RUN) ;; \
+	finished*) echo "$(RUN) already trained ($$state); chatting with it (remove it to retrain)" ;; \
+	*) echo "$(RUN): $$state; resuming it"; $(PY) -m guppy train --data $(DATA) --out $(RUN) --resume ;; \
+	esac
 
 test: venv
 	$(PY) -m pip install -q -e ".[test]"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 
 from guppy.config import ModelConfig, TrainConfig, preset
@@ -37,6 +38,7 @@ from .reference_curve import data_fingerprint, proxy_configs, read_target
 # "guppy-9m-fast" is the preset as it ships, untouched.
 BASE = dict(max_steps=1500, optimizer="adamw", schedule="cosine", lr=6e-4, min_lr=6e-5, warmup_steps=100,
             weight_decay=0.1, dropout=0.1)
+SHIPPED = dict(dropout=0.0, optimizer="muon", muon_lr=0.02, lr=2.4e-3, min_lr=2.4e-4)  # = guppy-9m-fast's recipe
 VARIANTS: dict[str, dict | None] = {
     "guppy-9m-fast": None,
     "fast-3000": dict(max_steps=3000),                              # the old preset, at its own length
@@ -56,7 +58,32 @@ VARIANTS: dict[str, dict | None] = {
     "muon-wsd": dict(dropout=0.0, optimizer="muon", muon_lr=0.02, lr=1.2e-3, min_lr=1.2e-4, schedule="wsd"),
     "muon-lr0.01-adam2.4e-3": dict(dropout=0.0, optimizer="muon", muon_lr=0.01, lr=2.4e-3, min_lr=2.4e-4),
     "muon-1000": dict(dropout=0.0, optimizer="muon", muon_lr=0.02, lr=2.4e-3, min_lr=2.4e-4, max_steps=1000),
+    # Issue 20 (<= 1,000 steps, stretch 650): the shipped recipe (SHIPPED) at a 650- or 1,000-step cap, one lever
+    # changed (TrainConfig's issue-20 knobs; notes/recipe.md "Issue 20: levers"). Run with --run-to-cap: the loss at
+    # the cap is what a preset of that length would ship, and steps_to_target still comes from the curve.
+    "muon-650": dict(SHIPPED, max_steps=650),
+    "muon-650-linear0": dict(SHIPPED, max_steps=650, schedule="linear", min_lr=0.0),
+    "muon-650-ema": dict(SHIPPED, max_steps=650, ema_decay=0.98, ema_start=0.5),
+    "muon-650-linear0-ema": dict(SHIPPED, max_steps=650, schedule="linear", min_lr=0.0, ema_decay=0.98,
+                                 ema_start=0.5),
+    "muon-650-wsd0.4-0": dict(SHIPPED, max_steps=650, schedule="wsd", decay_fraction=0.4, min_lr=0.0),
+    "muon-650-lr0.01": dict(SHIPPED, max_steps=650, muon_lr=0.01),
+    "muon-650-mom0.9": dict(SHIPPED, max_steps=650, muon_momentum=0.9),
+    "muon-650-warmup50": dict(SHIPPED, max_steps=650, warmup_steps=50),
+    "muon-650-embed0.5": dict(SHIPPED, max_steps=650, embed_lr_ratio=0.5),
+    "muon-650-gpt2init": dict(SHIPPED, max_steps=650, resid_init_scale="gpt2"),
+    "muon-650-zloss": dict(SHIPPED, max_steps=650, z_loss=1e-4),
+    "muon-rows64-325": dict(SHIPPED, max_steps=325, batch_size=64, warmup_steps=50),  # 64 x 128, half the steps
+    "muon-1000-linear0": dict(SHIPPED, max_steps=1000, schedule="linear", min_lr=0.0),
+    "muon-1000-linear0-ema": dict(SHIPPED, max_steps=1000, schedule="linear", min_lr=0.0, ema_decay=0.98,
+                                  ema_start=0.5),
+    "muon-rows64-500-linear0": dict(SHIPPED, max_steps=500, batch_size=64, warmup_steps=50, schedule="linear",
+                                    min_lr=0.0),
 }
+# the knobs a variant's line names when they differ from the shipped preset's
+LEVER_DEFAULTS = {k: getattr(preset("guppy-9m-fast")[1], k) for k in (
+    "warmup_steps", "muon_momentum", "decay_fraction", "ema_decay", "ema_start", "embed_lr_ratio", "resid_init_scale",
+    "z_loss")}
 SMOKE_VOCAB = 512
 SCHEMA_VARIANT_KEYS = ("name", "steps_to_target", "conversations_to_target", "seconds_to_target", "final_eval_loss",
                        "keyword_hit_rate")
@@ -69,6 +96,9 @@ def variant_configs(name: str, size: str, smoke: bool = False) -> tuple[ModelCon
     model_cfg, cfg = preset("guppy-9m-fast")
     over = {} if VARIANTS[name] is None else {**BASE, **VARIANTS[name]}
     model_cfg.dropout = over.pop("dropout", model_cfg.dropout)
+    if over.get("resid_init_scale") == "gpt2":  # GPT-2's 1/sqrt(2 n_layers), at the size's own depth
+        shape = model_cfg if size != "proxy" else proxy_configs(model_cfg, TrainConfig())[0]
+        over["resid_init_scale"] = (2 * shape.n_layers) ** -0.5
     cfg = TrainConfig.from_dict({**cfg.to_dict(), **over})
     cfg.eval_batches, cfg.save_every = 0, 10 ** 9   # the whole held-out split; a checkpoint only where it stops
     if size == "proxy":
@@ -93,7 +123,8 @@ def run_variant(name, data, work, dev, target, size, smoke, eval_every, run_to_c
     cfg.eval_every = eval_every
     print(f"--- {name}: {cfg.optimizer}, {cfg.schedule}, lr {cfg.lr:g}"
           + (f", muon_lr {cfg.muon_lr:g}" if cfg.optimizer == "muon" else "")
-          + f", {cfg.batch_size} {cfg.batch_mode} rows, dropout {model_cfg.dropout:g}, cap {cfg.max_steps} steps")
+          + f", {cfg.batch_size} {cfg.batch_mode} rows, dropout {model_cfg.dropout:g}, cap {cfg.max_steps} steps"
+          + "".join(f", {k} {getattr(cfg, k):g}" for k, off in LEVER_DEFAULTS.items() if getattr(cfg, k) != off))
     curve = []
 
     def on_eval(record):
@@ -102,6 +133,9 @@ def run_variant(name, data, work, dev, target, size, smoke, eval_every, run_to_c
         return record["eval_loss"] <= target and not run_to_cap
 
     run_dir = os.path.join(work, slug(name))
+    if os.path.isdir(run_dir):  # a variant an interrupted sweep left unfinished (--keep found no result): anew
+        print(f"--- {name}: removing {run_dir}, left unfinished by an interrupted sweep")
+        shutil.rmtree(run_dir)
     summary = train(data, run_dir, model_cfg, cfg, device=str(dev), progress=progress, on_eval=on_eval)
     _, ckpt = load_model(run_dir, prefer="latest")
     scored = evaluate_checkpoint(ckpt, data, device=dev, log=lambda *_: None)

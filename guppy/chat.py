@@ -14,6 +14,8 @@ from .errors import GuppyError
 
 
 NO_REPLY = "(no reply)"  # shown when the model ends its turn at once, instead of an empty line
+# The REPL's commands: a line that starts with "/" is one of these, and never reaches the model.
+REPL_COMMANDS = {"/help": "this list", "/quit": "leave (also /exit, or Ctrl-D)"}
 
 
 def find_beside(checkpoint: str, name: str) -> str | None:
@@ -154,7 +156,7 @@ class Chat:
             input_fn = input
             if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 arrives with its bytes kept, to report it
                 sys.stdin.reconfigure(errors="surrogateescape")
-        print_fn(f"chatting with {self.persona['name']} (empty line to skip, Ctrl-D or /quit to leave)")
+        print_fn(f"chatting with {self.persona['name']} (/help for commands, Ctrl-D or /quit to leave)")
         while True:
             try:
                 text = input_fn("you> ")
@@ -167,8 +169,10 @@ class Chat:
             if any("\udc80" <= ch <= "\udcff" for ch in text):  # undecodable bytes, kept by surrogateescape
                 print_fn("(that line is not UTF-8 text; skipped)")
                 continue
-            if text.strip() in ("/quit", "/exit"):
-                return
+            if text.strip().startswith("/"):  # a command, never a message
+                if self.command(text.strip(), print_fn):
+                    return
+                continue
             if not text.strip():
                 continue
             _, truncated = self.encode_prompt(text)
@@ -177,10 +181,24 @@ class Chat:
                          "are used)")
             print_fn(f"{self.persona['name']}> {self.reply(text) or NO_REPLY}")
 
+    def command(self, line: str, print_fn=print) -> bool:
+        """A REPL line that starts with "/" (REPL_COMMANDS): do it; True to leave."""
+        name = line.split()[0].lower()
+        if name in ("/quit", "/exit"):
+            return True
+        if name == "/help":
+            for command, what in REPL_COMMANDS.items():
+                print_fn(f"  {command:<8} {what}")
+            print_fn(f"  anything else is a message to {self.persona['name']}; an empty line is skipped")
+        else:
+            print_fn(f"(unknown command {name}; /help lists the commands)")
+        return False
+
 
 def evaluate_checkpoint(checkpoint: str, data_dir: str, device="cpu", batch_size=32, per_category=2, seed=0,
                         log=print) -> dict:
-    """Held-out loss on eval split, and the keyword hit rate of replies to held-out prompts of each category."""
+    """Held-out loss on eval split, and the keyword hit rate of replies to held-out prompts of each category:
+    overall, per topic (`topics`: {category: {name, hits, prompts}}), and the replies that missed (`misses`)."""
     from .train import evaluate
 
     chat = Chat(checkpoint, device=device, temperature=0.0, seed=seed)
@@ -203,12 +221,19 @@ def evaluate_checkpoint(checkpoint: str, data_dir: str, device="cpu", batch_size
         if r["category"] in keywords and per.get(r["category"], 0) < per_category:
             per[r["category"]] = per.get(r["category"], 0) + 1
             picked.append(r)
-    hits, samples = 0, []
+    topics, samples, misses = {}, [], []
     for r in picked:
         reply = chat.reply(r["input"]).lower()
         hit = any(k.lower() in reply for k in keywords[r["category"]])
-        hits += hit
+        topic = topics.setdefault(r["category"], {"name": r["category"], "hits": 0, "prompts": 0})
+        topic["hits"] += hit
+        topic["prompts"] += 1
+        sample = {"prompt": r["input"], "reply": reply, "category": r["category"], "hit": hit}
         if len(samples) < 10:
-            samples.append({"prompt": r["input"], "reply": reply, "category": r["category"], "hit": hit})
-    result.update(keyword_hit_rate=hits / max(1, len(picked)), keyword_prompts=len(picked), samples=samples)
+            samples.append(sample)
+        if not hit:
+            misses.append(sample)
+    hits = sum(t["hits"] for t in topics.values())
+    result.update(keyword_hit_rate=hits / max(1, len(picked)), keyword_prompts=len(picked), topics=topics,
+                  misses=misses, samples=samples)
     return result

@@ -252,9 +252,10 @@ def _replace_dir(new: str, final: str):
 
 def save_checkpoint(run_dir: str, step: int, model, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None,
                     optimizer=None, scaler=None, rng: dict | None = None, extra: dict | None = None,
-                    pointers=("latest",), run: dict | None = None) -> str:
+                    pointers=("latest",), run: dict | None = None, tensors: dict | None = None) -> str:
     """Write checkpoints/step-N atomically and point each name in `pointers` ("latest", "best") at it.
-    `run` is what the run records about itself (preset, data fingerprint), kept in state.json."""
+    `run` is what the run records about itself (preset, data fingerprint), kept in state.json. `tensors`: more of the
+    training state, by name, into state.safetensors (a weight average's raw weights, guppy.train.WeightAverage)."""
     ckpt_root = os.path.join(run_dir, "checkpoints")
     os.makedirs(ckpt_root, exist_ok=True)
     rel = f"checkpoints/step-{step:07d}"
@@ -278,6 +279,7 @@ def save_checkpoint(run_dir: str, step: int, model, model_cfg: ModelConfig, trai
                 state["scaler"] = scaler.state_dict()
             for name, t in (rng or {}).items():
                 state_tensors[f"rng.{name}"] = t
+            state_tensors.update(tensors or {})
             _save_tensors(os.path.join(tmp, "state.safetensors"), state_tensors)
             _write_json(os.path.join(tmp, "state.json"), state)
             _fsync_dir(tmp)

@@ -34,15 +34,38 @@ def cmd_prepare(a):
             from_jsonl=a.from_jsonl, vocab_size=a.vocab_size, force=a.force)
 
 
+def default_preset(device: str) -> str:
+    """The preset of a `guppy train` given no --preset: GuppyLM's guppy-9m on a CUDA GPU, cpu-demo without CUDA
+    (a CPU, Apple's MPS), said in one line.
+
+    Why not guppy-9m everywhere: it is GuppyLM's 10,000-step GPU recipe, about 9 hours on a laptop's CPU (a newcomer
+    following the README saw an ETA of 8:58:41), while someone who types the README's `guppy train` with no options
+    expects a fish that talks in minutes, which cpu-demo is. Starting the 9-hour run and printing a hint would leave
+    them to find the hint, stop the run and start again; so the small preset is picked, the line says so and how to
+    get the other (an explicit --preset guppy-9m still runs, and times itself: guppy.runstate.long_run_note). It is
+    the rule `make demo` applied before the CLI did (guppy-9m if CUDA, else cpu-demo), so the demo trains as before."""
+    from .config import DEFAULT_CPU_PRESET, DEFAULT_PRESET
+    from .train import resolve_device
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return DEFAULT_PRESET
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for all ranks
+        print(f"no --preset given: training {DEFAULT_CPU_PRESET}, the preset for a machine without CUDA "
+              f"({DEFAULT_PRESET}, the GPU default, takes hours on a {dev.type}; --preset {DEFAULT_PRESET} trains "
+              "it anyway)")
+    return DEFAULT_CPU_PRESET
+
+
 def cmd_train(a):
-    from .config import DEFAULT_PRESET, preset
+    from .config import preset
     from .train import run_recipe, train
     given = {k: getattr(a, k) for k in TRAIN_OPTIONS if getattr(a, k) is not None}
     given.update({k: True for k in ("decay_all", "compile") if getattr(a, k)})
     if a.resume:  # the run's own model and recipe; train() applies the resume rule to the options given here
-        model_cfg, cfg = None, run_recipe(a.out)
+        name, model_cfg, cfg = a.preset, None, run_recipe(a.out)
     else:
-        model_cfg, cfg = preset(a.preset or DEFAULT_PRESET)
+        name = a.preset or default_preset(a.device)
+        model_cfg, cfg = preset(name)
     cfg = dataclasses.replace(cfg, **given)
     if a.ops:
         from .ops import get_ops
@@ -51,7 +74,7 @@ def cmd_train(a):
         except ImportError as e:
             raise GuppyError(f"--ops {a.ops} is not available here: {e}") from None
     train(a.data, a.out, model_cfg, cfg, device=a.device, resume=a.resume, stop_at_step=a.stop_at_step,
-          progress=not a.quiet, ops=a.ops, preset=a.preset if a.resume else (a.preset or DEFAULT_PRESET))
+          progress=not a.quiet, ops=a.ops, preset=name)
 
 
 def cmd_chat(a):
@@ -66,6 +89,7 @@ def cmd_chat(a):
         cls, device = OnnxChat, "cpu"
     chat = cls(a.checkpoint, device=resolve_device(device), tokenizer=a.tokenizer, temperature=a.temperature,
                top_k=a.top_k, top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed)
+    _say_if_unfinished(a.checkpoint, chat.checkpoint, "chatting with")
     if a.prompt is not None:
         for text in a.prompt:
             if not text.strip():
@@ -90,14 +114,36 @@ def cmd_eval(a):
         if not os.access(folder, os.W_OK):
             raise GuppyError(f"--json {a.json}: cannot write in {folder} (permission denied or read-only)")
     r = evaluate_checkpoint(a.checkpoint, a.data, device=resolve_device(a.device))
+    _say_if_unfinished(a.checkpoint, r["checkpoint"], "evaluating")
     print(f"held-out loss: {r['eval_loss']:.4f} over {r['eval_conversations']} conversations")
     if "keyword_hit_rate" in r:
-        print(f"keyword hit rate: {r['keyword_hit_rate']:.1%} over {r['keyword_prompts']} held-out prompts")
-        for s in r["samples"][:5]:
+        topics = r["topics"]
+        print(f"keyword hit rate: {r['keyword_hit_rate']:.1%} over {r['keyword_prompts']} held-out prompts, "
+              f"{len(topics)} topics")
+        missed = sorted((t for t in topics.values() if t["hits"] < t["prompts"]),
+                        key=lambda t: (t["hits"] / t["prompts"], t["name"]))
+        if missed:
+            listed = ", ".join(f"{t['name']} {t['hits']}/{t['prompts']}" for t in missed[:EVAL_TOPICS_SHOWN])
+            more = f", and {len(missed) - EVAL_TOPICS_SHOWN} more" if len(missed) > EVAL_TOPICS_SHOWN else ""
+            print(f"topics that missed ({len(missed)} of {len(topics)}; hits/prompts): {listed}{more}")
+        else:
+            print("every topic's prompts got a reply with one of its keywords")
+        for s in (r["misses"] or r["samples"])[:5]:  # what a miss looks like (else a few hits)
             print(f"  [{s['category']}] {s['prompt']!r} -> {s['reply']!r}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=2)
+
+
+EVAL_TOPICS_SHOWN = 12  # guppy eval names this many of the topics that missed, the worst first
+
+
+def _say_if_unfinished(path: str, loaded: str, doing: str):
+    """One line on stderr when --checkpoint is a run that is training or stopped early: the step loaded."""
+    from .runstate import unfinished_note
+    note = unfinished_note(path, loaded, doing)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def cmd_export(a):
@@ -189,7 +235,7 @@ def _is_utf8(text: str) -> bool:
 
 
 def build_parser():
-    from .config import DEFAULT_PRESET, PRESETS
+    from .config import DEFAULT_CPU_PRESET, DEFAULT_PRESET, PRESETS
     from .ops import IMPLEMENTATIONS
     p = _Parser(prog="guppy", description="A tiny fish-persona language model, and its kernels.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -209,7 +255,8 @@ def build_parser():
     s.add_argument("--data", required=True)
     s.add_argument("--out", required=True, help="run folder for checkpoints and metrics.jsonl")
     s.add_argument("--preset", type=preset_name,
-                   help=f"one of: {', '.join(PRESETS)} (default {DEFAULT_PRESET}; with --resume, the run's own)")
+                   help=f"one of: {', '.join(PRESETS)} (default {DEFAULT_PRESET} on a CUDA GPU, "
+                        f"{DEFAULT_CPU_PRESET} without CUDA; with --resume, the run's own)")
     s.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     s.add_argument("--resume", action="store_true", help=RESUME_HELP)
     s.add_argument("--max-steps", type=positive_int)

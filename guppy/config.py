@@ -73,13 +73,22 @@ class TrainConfig:
     muon_lr: float = 0.02            # the Muon groups' peak lr; the schedule scales it as it scales lr
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0   # decoupled, scaled by muon_lr (`weight_decay` is the AdamW groups')
-    schedule: str = "cosine"         # "cosine" to min_lr, or "wsd": warm-up, stable at lr, linear decay to min_lr
-    decay_fraction: float = 0.2      # wsd: the share of max_steps spent decaying
+    schedule: str = "cosine"         # after warm-up, "cosine" or "linear" to min_lr (0 allowed), or "wsd": flat at
+    decay_fraction: float = 0.2      # lr, then linear to min_lr over this share of max_steps
+    # Issue 20's levers (notes/recipe.md, "Issue 20: levers"). Each default is today's recipe, bit for bit, and each
+    # keeps the model a plain GuppyLM at inference.
+    ema_decay: float = 0.0           # > 0: an exponential moving average of the weights, which evals, `best` and the
+    ema_start: float = 0.0           # checkpoint's model.safetensors hold; it starts at ema_start * max_steps
+    embed_lr_ratio: float = 1.0      # AdamW's lr on tok_emb / pos_emb (and the head tied to them), as a ratio of lr
+    resid_init_scale: float = 1.0    # init std of attn.out / ffn.down is 0.02 times this (GPT-2: 1/sqrt(2 n_layers))
+    z_loss: float = 0.0              # + z_loss * mean logsumexp(logits)^2 on the training loss (eval: plain CE)
 
     def __post_init__(self):
         _check(self, positive_ints=("batch_size", "max_steps", "eval_every", "log_every", "save_every"),
-               non_negative_ints=("warmup_steps", "eval_batches", "seed"), positive=("lr", "grad_clip"),
-               non_negative=("min_lr", "weight_decay"), bools=("decay_all", "compile", "fused_adamw", "cuda_graphs"),
+               non_negative_ints=("warmup_steps", "eval_batches", "seed"),
+               positive=("lr", "grad_clip", "embed_lr_ratio", "resid_init_scale"),
+               non_negative=("min_lr", "weight_decay", "z_loss"), fractions=("ema_decay", "ema_start"),
+               bools=("decay_all", "compile", "fused_adamw", "cuda_graphs"),
                choices={"batch_mode": ("pad", "packed"), "loss_on": ("all", "assistant")})
         if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
                 and all(_is_number(b) and 0 <= b < 1 for b in self.betas)):
@@ -165,7 +174,8 @@ PRESETS: dict[str, tuple[dict, dict]] = {
 }
 
 
-DEFAULT_PRESET = "guppy-9m"
+DEFAULT_PRESET = "guppy-9m"        # `guppy train` without --preset, on a CUDA GPU
+DEFAULT_CPU_PRESET = "cpu-demo"    # and without CUDA (a CPU, Apple's MPS): see guppy.cli.default_preset
 
 
 def preset(name: str) -> tuple[ModelConfig, TrainConfig]:

@@ -1,5 +1,6 @@
-"""The training loop: AdamW (or Muon + AdamW), a cosine or WSD schedule with warm-up, gradient clipping, mixed
-precision by device, evals on the held-out set, atomic checkpoints, exact resume, and DDP under torchrun.
+"""The training loop: AdamW (or Muon + AdamW), a cosine, linear or WSD schedule with warm-up, gradient clipping, mixed
+precision by device, evals on the held-out set (of a weight average when asked), atomic checkpoints, exact resume,
+and DDP under torchrun.
 
 Host syncs are kept off the hot path: the loss is accumulated on the device and read back every `log_every` steps.
 """
@@ -21,11 +22,12 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt_lib
 from .config import ModelConfig, TrainConfig
-from .data import Batcher, Split, eval_batches, fingerprint, load_split, load_tokenizer
+from .data import IGNORE, Batcher, Split, eval_batches, fingerprint, load_split, load_tokenizer
 from .errors import GuppyError
 from .model import GuppyLM
 from .ops import IMPLEMENTATIONS
 from .runlock import RunLock
+from .runstate import long_run_note, resume_command
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -105,12 +107,29 @@ def muon_param_groups(model, cfg: TrainConfig, lr_tensor=None):
     hidden_ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if id(p) not in hidden_ids]
     make_lr = lr_tensor or float
-    return [
+    return embeddings_apart([
         {"params": hidden, "muon": True, "lr": make_lr(cfg.muon_lr), "lr_ratio": cfg.muon_lr / cfg.lr,
          "momentum": cfg.muon_momentum, "weight_decay": cfg.muon_weight_decay},
         {"params": rest, "muon": False, "lr": make_lr(cfg.lr),
          "weight_decay": cfg.weight_decay if cfg.decay_all else 0.0},
-    ]
+    ], model, cfg, make_lr)
+
+
+def embeddings_apart(groups: list[dict], model, cfg: TrainConfig, make_lr) -> list[dict]:
+    """cfg.embed_lr_ratio: the embeddings (tok_emb, pos_emb; the LM head is tok_emb) leave their AdamW group for one
+    of their own at that ratio to the scheduled lr, with the same weight decay. At ratio 1 the groups are returned
+    as they are: today's groups, and today's checkpoints resume."""
+    if cfg.embed_lr_ratio == 1.0:
+        return groups
+    embeddings = {id(model.tok_emb.weight), id(model.pos_emb.weight)}
+    out = []
+    for g in groups:
+        mine = [p for p in g["params"] if id(p) in embeddings]
+        out.append({**g, "params": [p for p in g["params"] if id(p) not in embeddings]} if mine else g)
+        if mine:
+            out.append({**g, "params": mine, "lr": make_lr(cfg.lr * cfg.embed_lr_ratio),
+                        "lr_ratio": cfg.embed_lr_ratio})
+    return out
 
 
 def make_optimizer(model, cfg: TrainConfig, device, cuda_graphs: bool = False):
@@ -130,8 +149,9 @@ def make_optimizer(model, cfg: TrainConfig, device, cuda_graphs: bool = False):
     if cuda_graphs:
         kwargs["capturable"] = True
     lr = torch.tensor(cfg.lr, device=device) if cuda_graphs else cfg.lr
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_all), lr=lr, betas=cfg.betas,
-                             **kwargs)
+    make_lr = (lambda v: torch.tensor(v, device=device)) if cuda_graphs else float
+    groups = embeddings_apart(param_groups(model, cfg.weight_decay, cfg.decay_all), model, cfg, make_lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, **kwargs)
 
 
 def set_lr(optimizer, lr: float):
@@ -145,18 +165,109 @@ def set_lr(optimizer, lr: float):
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up from 0 to lr, then to min_lr at max_steps: a cosine ("cosine"), or flat at lr and a linear
-    decay over the last decay_fraction of the steps ("wsd", warm-up/stable/decay)."""
+    """Linear warm-up from 0 to lr, then to min_lr at max_steps: a cosine ("cosine"), a straight line ("linear"), or
+    flat at lr and a linear decay over the last decay_fraction of the steps ("wsd", warm-up/stable/decay)."""
     if step < cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
     if cfg.schedule == "cosine":
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
         return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
     if cfg.schedule == "wsd":
         decay_steps = max(1, round(cfg.decay_fraction * cfg.max_steps))
         progress = min(1.0, max(0.0, (step - (cfg.max_steps - decay_steps)) / decay_steps))
         return cfg.lr + (cfg.min_lr - cfg.lr) * progress
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose cosine or wsd")
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose cosine, linear or wsd")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 20's levers that are not the optimiser's: residual init, z-loss, a weight average (notes/recipe.md). Each one
+# is off at its TrainConfig default, and none changes the model: inference runs a plain GuppyLM.
+# --------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def scale_residual_init(model, scale: float):
+    """cfg.resid_init_scale: the projections into the residual stream (attn.out, ffn.down) start at std 0.02·scale
+    instead of GuppyLM's 0.02 (GPT-2 uses 1/sqrt(2 n_layers)). The same draws, multiplied, so no other parameter
+    changes; at scale 1 nothing is touched (today's init, bit for bit)."""
+    if scale == 1.0:
+        return
+    for block in model.blocks:
+        block.attn.out.weight.mul_(scale)
+        block.ffn.down.weight.mul_(scale)
+
+
+class WithZLoss(torch.nn.Module):
+    """The training loss with PaLM's z-loss (cfg.z_loss): cross-entropy + z_loss · mean over target tokens of
+    logsumexp(logits)², which keeps log Z of the softmax near 0. It wraps the model for training only (train_step and
+    the CUDA graph call it as they call the model); evals call the model itself: plain cross-entropy. Its value is the
+    cross-entropy alone, the z term added as t - t.detach() (0 in value, t in gradient), so train_loss compares with
+    other runs. It builds the (B·T × V) logits: the ops' fused head + loss is not used."""
+
+    def __init__(self, model, coefficient: float):
+        super().__init__()
+        self.model, self.coefficient = model, coefficient
+
+    def forward(self, idx, targets, *, segment_ids=None, positions=None):
+        logits, _ = self.model(idx, segment_ids=segment_ids, positions=positions)
+        flat, targets = logits.view(-1, logits.size(-1)), targets.view(-1)
+        counted = targets != IGNORE
+        z = (flat.float().logsumexp(-1).square() * counted).sum() / counted.sum().clamp(min=1)
+        penalty = self.coefficient * z
+        return logits, self.model.ops.cross_entropy(flat, targets) + (penalty - penalty.detach())
+
+
+class WeightAverage:
+    """cfg.ema_decay: an exponential moving average of the parameters, begun at step round(ema_start · max_steps) as a
+    copy of the weights, then avg <- decay·avg + (1 - decay)·w after every step. It is a GuppyLM's weights, so it costs
+    nothing at inference. Once begun, evals score the average, and a checkpoint's model.safetensors holds it (so
+    `best`, chat, eval and export read it unchanged) with the raw weights in state.safetensors (raw.<name>), which a
+    resume trains on: the resume is exact."""
+
+    def __init__(self, model, cfg: TrainConfig):
+        self.named = list(model.named_parameters())
+        self.decay, self.begin = cfg.ema_decay, round(cfg.ema_start * cfg.max_steps)
+        self.avg = None  # the averaged tensors, in self.named's order, once begun
+
+    @torch.no_grad()
+    def update(self, step: int):
+        """After the optimizer step that made `step` steps."""
+        if step < self.begin:
+            return
+        weights = [p.detach() for _, p in self.named]
+        if self.avg is None:
+            self.avg = [w.clone() for w in weights]
+        else:
+            torch._foreach_lerp_(self.avg, weights, 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Inside: the model holds the average (unchanged before it begins). Yields the raw weights as raw.<name>
+        (None before it begins), and puts them back on the way out."""
+        if self.avg is None:
+            yield None
+            return
+        raw = {f"raw.{n}": p.detach().clone() for n, p in self.named}
+        with torch.no_grad():
+            for (_, p), a in zip(self.named, self.avg):
+                p.copy_(a)
+        try:
+            yield raw
+        finally:
+            with torch.no_grad():
+                for n, p in self.named:
+                    p.copy_(raw[f"raw.{n}"])
+
+    @torch.no_grad()
+    def restore(self, tensors: dict):
+        """On resume, the model loaded from model.safetensors: with raw.<name> tensors there, what it loaded is the
+        average; keep it as such and train on the raw weights."""
+        if not any(k.startswith("raw.") for k in tensors):
+            return
+        self.avg = [p.detach().clone() for _, p in self.named]
+        for n, p in self.named:
+            p.copy_(tensors[f"raw.{n}"])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -323,6 +434,7 @@ class Run:
     step: int = 0
     best_eval: float = math.inf
     seen: dict = field(default_factory=lambda: {"conversations": 0, "tokens": 0})  # data seen, all ranks
+    ema: WeightAverage | None = None  # cfg.ema_decay > 0
 
 
 def start_run(data: TrainData, out_dir: str, model_cfg: ModelConfig | None, cfg: TrainConfig | None, dev,
@@ -333,7 +445,8 @@ def start_run(data: TrainData, out_dir: str, model_cfg: ModelConfig | None, cfg:
     state, ckpt_dir = None, None
     if resume:
         ckpt_dir = ckpt_lib.checkpoint_to_resume(out_dir, log)
-        state, _ = ckpt_lib.load_training_state(ckpt_dir)
+        state, tensors = ckpt_lib.load_training_state(ckpt_dir)
+        state["raw"] = {k: v for k, v in tensors.items() if k.startswith("raw.")}  # under a weight average
         recorded = state.get("run") if isinstance(state.get("run"), dict) else {}
         _check_same_data(recorded.get("data"), data)
         if preset is not None and preset != recorded.get("preset"):
@@ -368,6 +481,7 @@ def start_run(data: TrainData, out_dir: str, model_cfg: ModelConfig | None, cfg:
     else:
         torch.manual_seed(cfg.seed + rank)
         model = GuppyLM(model_cfg)
+        scale_residual_init(model, cfg.resid_init_scale)
     model.to(dev)
     amp_dtype = autocast_dtype(dev)
     graphs = uses_cuda_graphs(cfg, dev, world)
@@ -377,6 +491,7 @@ def start_run(data: TrainData, out_dir: str, model_cfg: ModelConfig | None, cfg:
                       assistant_only=cfg.loss_on == "assistant", seed=cfg.seed, rank=rank, world_size=world,
                       pin_memory=dev.type == "cuda"),
               amp_dtype, graphs, record={"preset": preset, "data": data.fingerprint})
+    run.ema = WeightAverage(model, cfg) if cfg.ema_decay else None
     if state is not None:
         _restore(run, state, dev)
     return run
@@ -409,6 +524,8 @@ def _restore(run: Run, state: dict, dev):
     run.step = state["step"]
     run.best_eval = state["extra"].get("best_eval", math.inf)
     set_rng_state(state["rng"], dev)
+    if run.ema is not None:
+        run.ema.restore(state.get("raw", {}))
 
 
 # How this process steps, whatever the checkpoint's process did: torch's load_state_dict takes these from the saved
@@ -539,12 +656,21 @@ def train(data_dir: str, out_dir: str, model_cfg: ModelConfig | None, cfg: Train
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local_rank)
     data = load_train_data(data_dir)
-    with RunLock(out_dir) if rank == 0 else contextlib.nullcontext():
-        run = start_run(data, out_dir, model_cfg, cfg, dev, resume, ops, preset, rank, world,
-                        log if rank == 0 else lambda *_: None)
-        if rank == 0:
-            _open_run_dir(out_dir, data, run.step if resume else None)
-        summary = train_loop(run, data, out_dir, dev, rank, world, stop_at_step, progress, log, on_eval, t_begin)
+    go_on = resume_command(data_dir, out_dir, device, stop_at_step)
+    try:
+        with RunLock(out_dir) if rank == 0 else contextlib.nullcontext():
+            run = start_run(data, out_dir, model_cfg, cfg, dev, resume, ops, preset, rank, world,
+                            log if rank == 0 else lambda *_: None)
+            if rank == 0:
+                _open_run_dir(out_dir, data, run.step if resume else None)
+            summary = train_loop(run, data, out_dir, dev, rank, world, stop_at_step, progress, log, on_eval,
+                                 t_begin)
+    except KeyboardInterrupt:  # a Ctrl-C: say how to go on, where a checkpoint was saved to go on from
+        if rank == 0 and os.path.isfile(os.path.join(out_dir, "latest.json")):
+            log(f"to continue: {go_on}")
+        raise
+    if rank == 0 and stop_at_step is not None and summary["step"] < run.cfg.max_steps:
+        log(f"to continue: {resume_command(data_dir, out_dir, device)}")
     if world > 1 and not group_was_there:
         # Torch asks each process to destroy its group before it exits; the barrier first, so that no rank tears
         # down while another is still inside a collective. Only after a normal finish: after an error or a Ctrl-C
@@ -580,7 +706,7 @@ def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, worl
     evals = (eval_batches(data.eval, cfg.batch_size, model_cfg.max_seq_len, cfg.eval_batches,
                           assistant_only=cfg.loss_on == "assistant") if data.eval is not None else [])
 
-    train_model = model
+    train_model = model if not cfg.z_loss else WithZLoss(model, cfg.z_loss)
     if cfg.compile:
         train_model = torch.compile(model)
     if world > 1:
@@ -606,13 +732,17 @@ def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, worl
     def elapsed() -> float:
         return time.perf_counter() - t_begin - save_seconds
 
+    def averaged():
+        return run.ema.applied() if run.ema is not None else contextlib.nullcontext()
+
     def save(step, pointers=("latest",)):
         nonlocal save_seconds
         if is_main:
             t = time.perf_counter()
-            ckpt_lib.save_checkpoint(out_dir, step, model, model_cfg, cfg, optimizer, scaler, rng_state(dev),
-                                     extra={"best_eval": best_eval, "data": batcher.state_dict(), "seen": dict(seen)},
-                                     pointers=pointers, run=run.record)
+            with averaged() as raw:  # under a weight average: the average in model.safetensors, the raw beside it
+                ckpt_lib.save_checkpoint(out_dir, step, model, model_cfg, cfg, optimizer, scaler, rng_state(dev),
+                                         extra={"best_eval": best_eval, "data": batcher.state_dict(),
+                                                "seen": dict(seen)}, pointers=pointers, run=run.record, tensors=raw)
             save_seconds += time.perf_counter() - t
 
     bar = None
@@ -624,7 +754,7 @@ def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, worl
     loss_sum = torch.zeros((), device=dev)
     tokens_window, steps_window, t_window = 0, 0, time.time()
     last_eval = None
-    interrupted, stop_requested_by_eval = False, False
+    interrupted, stop_requested_by_eval, timed = False, False, False
     model.train()
     stop = _StopAtStepBoundary()
     try:
@@ -639,6 +769,8 @@ def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, worl
             loss = step_fn(batch)
             loss_sum += loss.float()
             step += 1
+            if run.ema is not None:
+                run.ema.update(step)
             steps_window += 1
             if setup_s is None:  # the first step of this process ends its one-time costs
                 if dev.type == "cuda":
@@ -650,6 +782,11 @@ def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, worl
                 train_loss = float(loss_sum) / steps_window  # the one host sync of this window
                 dt = time.time() - t_window
                 tok_s = tokens_window * world / max(dt, 1e-9)
+                if is_main and not timed:  # the first window times the run: hours without CUDA get one line
+                    timed, note = True, long_run_note(dev.type, run.record.get("preset"), end_step - step,
+                                                      dt / steps_window)
+                    if note:
+                        log(note)
                 metrics.write(step=step, train_loss=train_loss, lr=lr, tokens_per_s=round(tok_s, 1),
                               elapsed=round(elapsed(), 3), **seen)
                 if bar is not None:
@@ -663,7 +800,8 @@ def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, worl
             is_eval = evals and (step % cfg.eval_every == 0 or step == cfg.max_steps)
             if is_eval:
                 t_eval = time.perf_counter()
-                last_eval = evaluate(model, evals, dev, amp_dtype)
+                with averaged():
+                    last_eval = evaluate(model, evals, dev, amp_dtype)
                 eval_seconds += time.perf_counter() - t_eval
                 improved = last_eval < best_eval
                 best_eval = min(best_eval, last_eval)
@@ -697,7 +835,9 @@ def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, worl
         summary["ddp_max_param_difference"] = ddp_max_param_difference(model)
         metrics.write(step=step, ddp_world_size=world, ddp_max_param_difference=summary["ddp_max_param_difference"])
     if is_main:
-        log(f"done: step {step}, best eval loss {best_eval:.4f}, {summary['seconds']:.1f} s; checkpoints in {out_dir}")
+        best = f"best eval loss {best_eval:.4f}" if math.isfinite(best_eval) else \
+            "no eval yet" if evals else "no held-out split to evaluate on"
+        log(f"done: step {step}, {best}, {summary['seconds']:.1f} s; checkpoints in {out_dir}")
     if interrupted:
         raise KeyboardInterrupt
     return summary

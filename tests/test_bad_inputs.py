@@ -718,6 +718,52 @@ def test_persona_validation_prints_one_line(tmp_path):
     assert_unchanged(before)
 
 
+# One topic, 4 inputs, 16 replies: 64 distinct conversations, fewer than the 3,000 that --samples 60000 holds out
+SMALL_CRAB = ('[persona]\nname = "crab"\n[slots]\nshell = ["a snail shell", "a bottle cap", "a coconut", "a cup"]\n'
+              'mood = ["grumpy", "sleepy", "suspicious"]\n[[topics]]\nname = "home"\nkeywords = ["shell"]\n'
+              'inputs = ["where do you live", "is that your house", "nice shell {nickname}"]\n'
+              'outputs = ["this is {shell}. it is my home.", "i live in {shell}. i am {mood} about it."]\n'
+              '[topics.slots]\nnickname = ["crabby", "little crab"]\n')
+
+
+def test_a_persona_too_small_for_its_held_out_split_is_refused_with_the_fix(tmp_path):
+    crab = tmp_path / "crab.toml"
+    crab.write_text(SMALL_CRAB)
+    d = tmp_path / "d"
+    refused(["prepare", "--out", str(d), "--persona", str(crab)], [str(tmp_path)],
+            f"{crab}: makes only 64 distinct conversations, fewer than the 3,000", "add outputs or slot values")
+    assert not d.exists()
+    d.mkdir()  # a dataset it would replace stays as it was
+    (d / "train.jsonl").write_text('{"input": "hi", "output": "blub"}\n')
+    refused(["prepare", "--out", str(d), "--persona", str(crab), "--force"], [str(tmp_path)], "64 distinct")
+
+
+def test_the_persona_check_says_prepare_would_refuse_it(tmp_path):
+    crab = tmp_path / "crab.toml"
+    crab.write_text(SMALL_CRAB)
+    before = checksums(str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "guppy.persona", str(crab)], capture_output=True, text=True, timeout=300)
+    assert_one_line(r, 1, f"{crab}: guppy prepare would refuse it: makes only 64 distinct conversations",
+                    prefix="python -m guppy.persona: error: ")
+    assert "distinct conversations" in r.stdout and "warning: topic 'home' can say only 16 different" in r.stdout
+    assert_unchanged(before)
+
+
+def test_a_starter_copy_never_overwrites(tmp_path):
+    mine = tmp_path / "crab.toml"
+    mine.write_text(SMALL_CRAB)
+    before = checksums(str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "guppy.persona", "--starter", "crab", str(mine)], capture_output=True,
+                       text=True, timeout=300)
+    assert_one_line(r, 2, f"{mine}: already exists", prefix="python -m guppy.persona: error: ")
+    assert_unchanged(before)
+
+
+def test_samples_that_leave_no_training_conversations_are_refused(tmp_path):
+    refused(["prepare", "--out", str(tmp_path / "d"), "--samples", "2", "--eval-fraction", "0.75"], [str(tmp_path)],
+            "--samples 2, --eval-fraction 0.75 leaves no training conversations")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Ctrl-C at start-up
 # --------------------------------------------------------------------------------------------------------------------
@@ -793,3 +839,35 @@ def test_checkpoint_modes_follow_the_umask(tmp_path, umask):
         assert os.stat(d).st_mode & 0o777 == 0o777 & ~umask, d
     for f in [run / "latest.json", run / "best.json", *(run / "checkpoints" / "step-0000001").iterdir()]:
         assert os.stat(f).st_mode & 0o777 == 0o666 & ~umask, f
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `python -m guppy.runstate RUN`, make demo's question (train, resume or only chat): whatever RUN is, one line
+# --------------------------------------------------------------------------------------------------------------------
+def runstate(*args, prefix=()):
+    return subprocess.run([*prefix, sys.executable, "-m", "guppy.runstate", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_runstate_says_none_or_how_far_whatever_the_folder_holds(run, tmp_path):
+    (tmp_path / "file").write_text("not a run")
+    (tmp_path / "empty").mkdir()
+    damaged = copy_run(run, tmp_path / "damaged")
+    DAMAGES["truncated"](os.path.join(damaged, "latest.json"))
+    cases = {str(tmp_path / "nope"): "none", str(tmp_path / "file"): "none", str(tmp_path / "empty"): "none",
+             run: f"stopped at step {STOPPED_AT} of {TINY_STEPS}",
+             damaged: "stopped at a step its latest.json does not say"}  # make demo resumes it: --resume recovers
+    for path, said in cases.items():
+        before = checksums(str(tmp_path), run)
+        r = runstate(path)
+        assert (r.returncode, r.stdout, r.stderr) == (0, said + "\n", ""), (path, r)
+        assert_unchanged(before)
+    prefix = as_user()
+    locked = copy_run(run, tmp_path / "locked")
+    os.chmod(locked, 0)
+    try:
+        r = runstate(locked, prefix=prefix)  # make demo then trains into it, which says "Permission denied"
+    finally:
+        os.chmod(locked, 0o755)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "none\n", ""), r
+    assert_one_line(runstate(), 2, prefix="usage: python -m guppy.runstate RUN")

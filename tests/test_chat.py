@@ -133,3 +133,44 @@ def test_an_immediate_end_of_turn_is_said_as_no_reply(tiny, monkeypatch, capsys)
     typed = iter(["hi", "/quit"])
     chat.repl(input_fn=lambda prompt: next(typed), print_fn=replies.append)
     assert replies[-1] == f"guppy> {NO_REPLY}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the REPL's commands, and what eval says of the topics
+
+def test_repl_lines_starting_with_a_slash_are_commands_never_messages(tiny, monkeypatch):
+    _, run = tiny
+
+    def no_model(*_a, **_kw):
+        raise AssertionError("a command reached the model")
+
+    monkeypatch.setattr(Chat, "generate", no_model)
+    shown, typed = [], iter(["/help", "  /HELP me", "/reset", "/", "/quit"])
+    Chat(run).repl(input_fn=lambda prompt: next(typed), print_fn=shown.append)  # a line after /quit: StopIteration
+    assert "/help for commands" in shown[0]
+    helps = shown[1:4]
+    assert helps[0].split()[0] == "/help" and helps[1].split()[0] == "/quit" and "message to guppy" in helps[2]
+    assert shown[4:7] == helps  # "/HELP me" is /help too
+    assert shown[7:] == ["(unknown command /reset; /help lists the commands)",
+                         "(unknown command /; /help lists the commands)"]
+
+
+def test_eval_names_the_topics_that_missed(tiny, monkeypatch, capsys):
+    from guppy import cli
+    from guppy.data import read_meta
+
+    data, run = tiny
+    keywords = read_meta(data)["category_keywords"]
+    rows = read_jsonl(os.path.join(data, "eval.jsonl"))
+    category = {r["input"]: r["category"] for r in rows}
+    missing = sorted(set(category.values()) & set(keywords))[0]
+    asked = min(2, sum(r["category"] == missing for r in rows))  # eval asks up to 2 held-out prompts per topic
+    # every topic's prompts get a reply with one of its keywords, but one topic's
+    monkeypatch.setattr(Chat, "reply", lambda self, text, use_cache=True:
+                        "blub" if category[text] == missing else f"i like {keywords[category[text]][0]}")
+    cli.main(["eval", "--checkpoint", run, "--data", data])
+    out = capsys.readouterr().out.splitlines()
+    n_topics = len({c for c in category.values() if c in keywords})
+    assert out[1].startswith("keyword hit rate: ") and out[1].endswith(f", {n_topics} topics"), out
+    assert out[2] == f"topics that missed (1 of {n_topics}; hits/prompts): {missing} 0/{asked}", out
+    assert out[3].startswith(f"  [{missing}] ") and out[3].endswith("-> 'blub'") and len(out) == 3 + asked, out

@@ -1,5 +1,8 @@
 """The `guppy` command end to end, as a user runs it, and the errors a user can make."""
+import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -128,8 +131,8 @@ def test_torch_cuda_probe_line_stays_out_of_the_one_line_error(tmp_path):
 
 
 def test_ctrl_c_saves_a_checkpoint_before_exiting(trained, tmp_path):
-    """SIGINT mid-run: the trainer saves where it is and exits 130; --resume then carries on from that step."""
-    import json
+    """SIGINT mid-run: the trainer saves where it is, prints the command that continues it, and exits 130; that
+    command then carries on from that step."""
     import signal
     import time
     _, data, _ = trained
@@ -147,8 +150,13 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(trained, tmp_path):
     assert "saving a checkpoint" in out
     step = json.load(open(os.path.join(run, "latest.json")))["step"]
     assert 0 < step < 100000
-    r = guppy("train", "--data", data, "--out", run, "--preset", "tiny", "--device", "cpu", "--max-steps",
-              str(step + 2), "--resume", "--quiet")
+    # it says how to go on, and that command, run as printed (a shorter --max-steps added), carries on
+    go_on = [ln for ln in out.splitlines() if ln.startswith("to continue: ")]
+    assert len(go_on) == 1, out
+    command = shlex.split(go_on[0][len("to continue: "):])
+    assert command[-8:] == ["train", "--data", data, "--out", run, "--resume", "--device", "cpu"], command
+    r = subprocess.run([*command, "--max-steps", str(step + 2), "--quiet"], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0 and f"steps {step} -> {step + 2}" in r.stdout, r.stderr
 
 
@@ -160,3 +168,127 @@ def test_command_names_known_before_parsing_are_the_parsers():
     from guppy.cli import COMMANDS, build_parser
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert tuple(sub.choices) == COMMANDS
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The first hour of a newcomer (issue 19)
+# --------------------------------------------------------------------------------------------------------------------
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACTIVATE_LINE = "to use guppy in this shell: source .venv/bin/activate"
+
+
+def make(*args, env_extra=None, drop=("VIRTUAL_ENV",), timeout=600):
+    """make in the repository, as a newcomer's shell runs it (no make flags inherited from a `make test` above)."""
+    if shutil.which("make") is None:
+        pytest.skip("no make here")
+    env = {k: v for k, v in os.environ.items() if k not in (*drop, "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**env, **(env_extra or {})})
+
+
+def test_make_demo_ends_with_the_line_that_puts_guppy_on_path():
+    """Without an active venv, `make demo` installs into .venv, which is not on PATH: its last command prints the
+    line that activates it (and that line works: guppy runs after it). With a venv active, nothing is printed."""
+    r = make("-n", "demo")
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    shown = subprocess.run(["sh", "-c", last], capture_output=True, text=True, timeout=60)
+    assert shown.stdout == ACTIVATE_LINE + "\n", (last, shown)
+    active = make("-n", "demo", drop=(), env_extra={"VIRTUAL_ENV": os.path.join(REPO, ".venv")})
+    assert active.returncode == 0 and ACTIVATE_LINE not in active.stdout, active.stdout
+    if not os.path.isfile(os.path.join(REPO, ".venv", "bin", "activate")) or shutil.which("bash") is None:
+        pytest.skip("no .venv here to activate (make creates it; CI has it), or no bash")
+    venv_bin = os.path.join(REPO, ".venv", "bin")
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if os.path.realpath(p) != os.path.realpath(venv_bin))
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    r = subprocess.run(["bash", "-c", f"{ACTIVATE_LINE.split(': ', 1)[1]} && command -v guppy && guppy --help"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**env, "PATH": path})
+    found = r.stdout.splitlines()[0] if r.stdout else ""
+    assert r.returncode == 0 and os.path.realpath(os.path.dirname(found)) == os.path.realpath(venv_bin), \
+        (r.stdout[-500:], r.stderr[-500:])
+
+
+def stopped_run(data, run, steps=8, stop_at=4):
+    """A tiny run of `steps` steps, stopped at `stop_at` (as --stop-at-step or a Ctrl-C leaves it)."""
+    from guppy.config import preset
+    from guppy.train import train
+    model_cfg, cfg = preset("tiny")
+    cfg.max_steps, cfg.eval_every, cfg.save_every = steps, 2, 2
+    train(data, run, model_cfg, cfg, device="cpu", stop_at_step=stop_at, progress=False, log=lambda *_: None,
+          preset="tiny")
+    return run
+
+
+def test_make_demo_resumes_an_interrupted_run_and_keeps_a_finished_one(trained, tmp_path):
+    """`make demo` on a run stopped at step 4 of 8 resumes it to 8, and on a finished run only chats: its training
+    step, run here without the install (make -o install) on a tiny run."""
+    _, data, _ = trained
+    run = stopped_run(data, str(tmp_path / "demo"))
+    args = ("-s", "-o", "install", "demo-train", f"PY={sys.executable}", f"DATA={data}", f"RUN={run}")
+    r = make(*args)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert f"{run}: stopped at step 4 of 8; resuming it" in r.stdout and "steps 4 -> 8" in r.stdout, r.stdout
+    assert json.load(open(os.path.join(run, "latest.json")))["step"] == 8
+    before = os.path.getmtime(os.path.join(run, "latest.json"))
+    r = make(*args)
+    assert r.returncode == 0 and f"{run} already trained (finished at step 8 of 8)" in r.stdout, r.stdout
+    assert "training" not in r.stdout and os.path.getmtime(os.path.join(run, "latest.json")) == before
+
+
+def test_train_without_a_preset_on_a_cpu_trains_cpu_demo_and_says_so(trained, tmp_path):
+    _, data, _ = trained
+    run = str(tmp_path / "run")
+    r = guppy("train", "--data", data, "--out", run, "--device", "cpu", "--max-steps", "2", "--eval-batches", "1",
+              "--quiet")
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("no --preset given: training cpu-demo") and "--preset guppy-9m" in first, r.stdout
+    latest = json.load(open(os.path.join(run, "latest.json")))["checkpoint"]
+    state = json.load(open(os.path.join(run, latest, "state.json")))
+    assert state["run"]["preset"] == "cpu-demo" and state["train_config"]["batch_mode"] == "packed"
+
+
+@pytest.mark.parametrize("argv, resolved, expected", [
+    ([], "cuda", "guppy-9m"),                            # a GPU keeps GuppyLM's recipe as the default
+    (["--preset", "guppy-9m"], "cpu", "guppy-9m"),       # an explicit preset runs on a CPU too
+    (["--preset", "tiny"], "cpu", "tiny"),
+])
+def test_a_gpu_and_an_explicit_preset_keep_their_preset(tmp_path, monkeypatch, capsys, argv, resolved, expected):
+    import torch
+
+    import guppy.train
+    from guppy import cli
+    called = {}
+    monkeypatch.setattr(guppy.train, "resolve_device", lambda name="auto": torch.device(resolved))
+    monkeypatch.setattr(guppy.train, "train", lambda *a, **kw: called.update(kw, model_cfg=a[2]))
+    cli.main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), *argv])
+    assert called["preset"] == expected and "no --preset" not in capsys.readouterr().out
+
+
+def test_chat_and_eval_on_an_unfinished_run_say_which_step_they_loaded(trained, tmp_path):
+    from guppy.runlock import RunLock
+    _, data, finished = trained
+    run = stopped_run(data, str(tmp_path / "run"))
+
+    def note(*args):
+        r = guppy(*args)
+        assert r.returncode == 0, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) <= 1, r.stderr
+        return lines[0] if lines else ""
+
+    chat = ("chat", "--checkpoint", run, "--prompt", "hi", "--max-new-tokens", "2")
+    line = note(*chat)
+    assert line.startswith(f"note: chatting with step 4 of {run}, a run that is not finished (stopped at step 4 of 8;")
+    assert f"--out {run} --resume" in line, line
+    line = note("eval", "--checkpoint", run, "--data", data)
+    assert line.startswith(f"note: evaluating step 4 of {run}, a run that is not finished (stopped at step 4 of 8")
+    with RunLock(run):  # a training holds it, as `guppy train` does while it runs
+        line = note(*chat)
+    assert line.startswith(f"note: chatting with step 4 of {run}, a run that is not finished (training now (a "
+                           f"training (pid {os.getpid()} on "), line
+    assert "saved through step 4 of 8" in line and "--resume" not in line, line
+    assert note("chat", "--checkpoint", finished, "--prompt", "hi", "--max-new-tokens", "2") == ""
+    ckpt = os.path.join(run, "checkpoints", "step-0000004")  # a checkpoint named directly: the user chose it
+    assert note("chat", "--checkpoint", ckpt, "--prompt", "hi", "--max-new-tokens", "2") == ""

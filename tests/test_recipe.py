@@ -1,4 +1,6 @@
-"""The recipe knobs: Muon (+ AdamW on the rest), the WSD schedule, exact resume with each, and `bench recipe`."""
+"""The recipe knobs: Muon (+ AdamW on the rest), the schedules, issue 20's levers (weight average, z-loss, residual
+init, embedding lr), exact resume with each, and `bench recipe`."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -37,9 +39,17 @@ def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_min_lr():
     assert lr_at(99, cfg) == pytest.approx(1.0 - 0.9 * 11 / 22) and lr_at(110, cfg) == pytest.approx(0.1)
 
 
+def test_linear_schedule_warms_up_then_falls_in_a_straight_line_to_min_lr_even_zero():
+    cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=10, max_steps=110, schedule="linear")
+    assert [lr_at(s, cfg) for s in (0, 5, 10, 35, 60, 85, 110, 200)] == pytest.approx(
+        [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+    cfg.min_lr = 0.1
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+
+
 def test_unknown_schedule_and_optimizer_are_refused():
     with pytest.raises(ValueError, match="unknown schedule"):
-        lr_at(300, TrainConfig(schedule="linear"))
+        lr_at(300, TrainConfig(schedule="step"))
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer(GuppyLM(ModelConfig(**MINI)), TrainConfig(optimizer="sgd"), CPU)
 
@@ -317,3 +327,184 @@ def test_committed_reference_curves_are_targets_for_default_data(tmp_path):
         with open(os.path.join(ROOT, doc)) as f:
             cited = set(re.findall(r"reference-curve-[\w.-]+?\.json", f.read()))
         assert cited and cited <= names, (doc, cited - names)
+
+
+# --- issue 20's levers: each against an independent reference, and off at its default -----------------------------
+def test_the_levers_defaults_are_off_and_bad_values_are_refused():
+    from guppy.errors import ConfigError
+    cfg = TrainConfig()
+    assert (cfg.ema_decay, cfg.ema_start, cfg.embed_lr_ratio, cfg.resid_init_scale, cfg.z_loss) == (0, 0, 1, 1, 0)
+    for bad in (dict(ema_decay=1.0), dict(ema_start=-0.1), dict(embed_lr_ratio=0.0), dict(resid_init_scale=-1.0),
+                dict(z_loss=-1e-4), dict(z_loss=float("nan"))):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            TrainConfig(**bad)
+
+
+def test_a_resume_refuses_to_change_a_lever():
+    from guppy.errors import GuppyError
+    from guppy.train import resumed_recipe
+    run = TrainConfig(ema_decay=0.99, schedule="linear")
+    for change in (dict(ema_decay=0.9), dict(ema_start=0.5), dict(z_loss=1e-4), dict(embed_lr_ratio=2.0),
+                   dict(resid_init_scale=0.5), dict(schedule="cosine")):
+        with pytest.raises(GuppyError, match=next(iter(change))):
+            resumed_recipe(run, dataclasses.replace(run, **change))
+
+
+def test_residual_init_scale_multiplies_the_same_draws_of_attn_out_and_ffn_down_only():
+    big = dict(MINI, d_model=128, ffn_hidden=256, n_heads=4)
+    torch.manual_seed(0)
+    plain = GuppyLM(ModelConfig(**big))
+    torch.manual_seed(0)
+    scaled = GuppyLM(ModelConfig(**big))
+    from guppy.train import scale_residual_init
+    scale_residual_init(scaled, 0.5)
+    residual = {f"blocks.{i}.{n}" for i in range(2) for n in ("attn.out.weight", "ffn.down.weight")}
+    for (name, a), b in zip(plain.state_dict().items(), scaled.state_dict().values()):
+        if name in residual:
+            assert torch.equal(b, a * 0.5), name
+            assert b.std().item() == pytest.approx(0.01, rel=0.05), name  # 0.02 x 0.5
+        else:
+            assert torch.equal(a, b), name
+
+
+def test_a_fresh_run_starts_from_guppylms_init_bit_for_bit_by_default_and_scaled_when_asked(data_dir, tmp_path):
+    from guppy.train import load_train_data, start_run
+    data = load_train_data(data_dir)
+    torch.manual_seed(1337)
+    reference = GuppyLM(ModelConfig(**MINI)).state_dict()
+    for scale in (1.0, 0.25):
+        run = start_run(data, str(tmp_path / "r"), ModelConfig(**MINI), TrainConfig(resid_init_scale=scale), CPU,
+                        log=quiet)
+        for name, v in run.model.state_dict().items():
+            factor = scale if name.endswith(("attn.out.weight", "ffn.down.weight")) else 1.0
+            assert torch.equal(v, reference[name] * factor if factor != 1.0 else reference[name]), (scale, name)
+
+
+def test_z_loss_reports_cross_entropy_and_adds_z_squared_to_the_gradient_only():
+    """Against F.cross_entropy + z * mean(logsumexp^2) over target tokens (pads ignored), on a float64 model."""
+    import torch.nn.functional as F
+
+    from guppy.train import WithZLoss
+    torch.manual_seed(0)
+    model = GuppyLM(ModelConfig(**MINI, dropout=0.0)).double()
+    idx = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(1))
+    targets = idx.roll(-1, 1)
+    targets[0, 10:] = -100
+    _, loss = WithZLoss(model, 1e-2)(idx, targets)
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits, plain = model(idx, targets)
+    assert loss.item() == plain.item()  # the value is the cross-entropy alone
+    counted = targets != -100
+    ref = F.cross_entropy(logits.view(-1, 512), targets.view(-1)) + 1e-2 * (
+        logits.logsumexp(-1)[counted] ** 2).mean()
+    ref.backward()
+    for g, p in zip(got, model.parameters()):  # the loss ops compute in fp32
+        torch.testing.assert_close(g, p.grad, atol=1e-8, rtol=1e-5)
+    model.zero_grad()
+    model(idx, targets)[1].backward()
+    assert max((g - p.grad).abs().max().item() for g, p in zip(got, model.parameters())) > 1e-4  # z counted
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_embed_lr_ratio_gives_the_embeddings_their_own_adamw_group(optimizer, cuda_graphs):
+    model = GuppyLM(ModelConfig(**MINI))
+    names = {id(p): n for n, p in model.named_parameters()}
+    base = make_optimizer(model, TrainConfig(optimizer=optimizer, lr=1e-3), CPU, cuda_graphs=cuda_graphs)
+    opt = make_optimizer(model, TrainConfig(optimizer=optimizer, lr=1e-3, embed_lr_ratio=3.0), CPU,
+                         cuda_graphs=cuda_graphs)
+    assert len(opt.param_groups) == len(base.param_groups) + 1
+    emb = [g for g in opt.param_groups if g.get("lr_ratio") == 3.0]
+    assert len(emb) == 1 and sorted(names[id(p)] for p in emb[0]["params"]) == ["pos_emb.weight", "tok_emb.weight"]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    set_lr(opt, 5e-4)
+    lrs = [float(g["lr"]) for g in opt.param_groups]
+    assert float(emb[0]["lr"]) == pytest.approx(1.5e-3)
+    assert all(lr == pytest.approx(5e-4) for g, lr in zip(opt.param_groups, lrs) if "lr_ratio" not in g)
+    if cuda_graphs:  # one lr tensor per group: set_lr's in-place fill must not reach another group
+        assert len({id(g["lr"]) for g in opt.param_groups}) == len(opt.param_groups) - (optimizer == "adamw")
+
+
+def test_weight_average_matches_a_plain_python_loop():
+    """From step round(ema_start * max_steps): avg = w, then avg = d * avg + (1 - d) * w, entry by entry."""
+    from guppy.train import WeightAverage
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = WeightAverage(model, TrainConfig(ema_decay=0.9, ema_start=0.3, max_steps=10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snapshots = []
+    for step in range(1, 11):
+        model(torch.randn(4, 3)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(step)
+        snapshots.append([v for p in model.parameters() for v in p.detach().flatten().tolist()])
+    expected = None
+    for step, w in enumerate(snapshots, 1):
+        if step >= 3:
+            expected = list(w) if expected is None else [0.9 * a + 0.1 * b for a, b in zip(expected, w)]
+    got = [v for a in ema.avg for v in a.flatten().tolist()]
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    raw = [p.detach().clone() for p in model.parameters()]
+    with ema.applied() as saved:
+        assert all(torch.equal(p, a) for p, a in zip(model.parameters(), ema.avg))
+        assert all(torch.equal(saved[f"raw.{n}"], r) for (n, _), r in zip(model.named_parameters(), raw))
+    assert all(torch.equal(p, r) for p, r in zip(model.parameters(), raw))
+
+
+def lever_cfg(**kw):
+    return TrainConfig(**{**dict(batch_size=8, max_steps=16, lr=3e-3, min_lr=0.0, warmup_steps=4, eval_every=5,
+                                 eval_batches=2, log_every=1, save_every=100, batch_mode="packed", optimizer="muon",
+                                 schedule="linear", ema_decay=0.8, ema_start=0.25, embed_lr_ratio=2.0,
+                                 resid_init_scale=0.5, z_loss=1e-3), **kw})
+
+
+def test_evals_and_checkpoints_hold_the_weight_average_and_the_raw_weights_beside_it(data_dir, tmp_path):
+    from guppy.checkpoint import load_model, read_pointer
+    from guppy.data import eval_batches, load_split
+    from guppy.train import evaluate
+    from safetensors.torch import load_file
+    run = str(tmp_path / "run")
+    train(data_dir, run, ModelConfig(**MINI, dropout=0.0), lever_cfg(z_loss=0.0), device="cpu", progress=False,
+          log=quiet)
+    model, ckpt = load_model(run, prefer="latest")  # what chat, eval and export read
+    batches = eval_batches(load_split(data_dir, "eval"), 8, MINI["max_seq_len"], 2)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        last = [m for m in map(json.loads, f) if "eval_loss" in m][-1]
+    assert last["step"] == 16 and evaluate(model, batches, CPU) == last["eval_loss"]
+    raw = {k[4:]: v for k, v in load_file(os.path.join(ckpt, "state.safetensors")).items() if k.startswith("raw.")}
+    assert raw.keys() == {n for n, _ in model.named_parameters()}
+    assert any(not torch.equal(raw[n], p) for n, p in model.named_parameters())  # the average is not the raw
+    assert read_pointer(run, "best")["step"] in (5, 10, 15, 16)
+
+
+def test_resume_is_exact_with_every_lever_on(data_dir, tmp_path):
+    """As tests/test_train.py::test_resume_is_exact (dropout on), the raw weights and the average both carried."""
+    from guppy.checkpoint import load_model, read_pointer
+
+    def metrics(run):
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            return {(m["step"], k): m[k] for m in map(json.loads, f) for k in ("train_loss", "eval_loss") if k in m}
+
+    full, pieces = str(tmp_path / "full"), str(tmp_path / "pieces")
+    train(data_dir, full, ModelConfig(**MINI, dropout=0.1), lever_cfg(), device="cpu", progress=False, log=quiet)
+    train(data_dir, pieces, ModelConfig(**MINI, dropout=0.1), lever_cfg(), device="cpu", stop_at_step=7,
+          progress=False, log=quiet)
+    assert read_pointer(pieces, "latest")["step"] == 7  # past ema_start (step 4): the average is in the checkpoint
+    train(data_dir, pieces, None, None, device="cpu", resume=True, progress=False, log=quiet)
+    assert metrics(full) == metrics(pieces)
+    wa, wb = (load_model(r, prefer="latest")[0].state_dict() for r in (full, pieces))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_every_variant_builds_at_both_sizes_and_gpt2_init_follows_the_depth():
+    from bench.recipe import VARIANTS, variant_configs
+    for name in VARIANTS:
+        for size in ("proxy", "full"):
+            variant_configs(name, size)
+    assert variant_configs("muon-650-gpt2init", "proxy")[1].resid_init_scale == pytest.approx(0.5)
+    assert variant_configs("muon-650-gpt2init", "full")[1].resid_init_scale == pytest.approx(12 ** -0.5)
+    model_cfg, cfg = variant_configs("muon-rows64-325", "full")
+    assert (cfg.batch_size, cfg.max_steps, cfg.optimizer, model_cfg.dropout) == (64, 325, "muon", 0.0)

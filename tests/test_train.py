@@ -340,3 +340,63 @@ def test_a_resume_keeps_the_optimizer_this_device_built(tmp_path, optimizer):
             if torch.is_tensor(t):
                 device = "cpu" if optimizer == "adamw" and name == "step" else "meta"  # plain AdamW: torch's rule
                 assert t.device.type == device, (name, t.device)
+
+
+# --- what a run says when it stops early or will take hours ----------------------------------------------------------
+def test_a_run_stopped_before_its_first_eval_says_no_eval_yet_and_how_to_go_on(data_dir, tmp_path):
+    lines = []
+    cfg = TrainConfig(batch_size=4, max_steps=6, eval_every=100, save_every=100, log_every=1)
+    run = str(tmp_path / "run")
+    train(data_dir, run, ModelConfig(**MINI), cfg, device="cpu", stop_at_step=2, progress=False, log=lines.append)
+    done = [ln for ln in lines if ln.startswith("done:")]
+    assert done and done[0].startswith("done: step 2, no eval yet, ") and "inf" not in done[0], lines
+    assert lines[-1].endswith(f"train --data {data_dir} --out {run} --resume --device cpu"), lines
+    assert lines[-1].startswith("to continue: "), lines
+
+
+def test_a_long_run_without_cuda_says_how_long_and_names_cpu_demo(data_dir, tmp_path):
+    """Timed on its first log window: 100,000 steps at 0.05 s/step is more than an hour, so one line; the same steps
+    on a run of 20 steps say nothing, nor does a cpu-demo run however long."""
+    from guppy.train import load_train_data, start_run, train_loop
+
+    def slow(step_fn):
+        def step(batch):
+            time.sleep(0.05)
+            return step_fn(batch)
+        return step
+
+    def loop(out, max_steps, preset=None):
+        lines = []
+        cfg = TrainConfig(batch_size=4, max_steps=max_steps, warmup_steps=1, log_every=2, eval_every=4,
+                          eval_batches=1, save_every=10 ** 6)
+        data = load_train_data(data_dir)
+        os.makedirs(out)
+        run = start_run(data, out, ModelConfig(**MINI), cfg, torch.device("cpu"), preset=preset, log=quiet)
+        train_loop(run, data, out, torch.device("cpu"), progress=False, log=lines.append, wrap_step=slow,
+                   on_eval=lambda record: True)  # the first eval (step 4) ends the run
+        return [ln for ln in lines if "s/step" in ln]
+
+    notes = loop(str(tmp_path / "long"), 100_000)
+    assert len(notes) == 1 and notes[0].startswith("note: at 0.") and " s/step on this cpu, the 99,998 steps to go " \
+        "take about " in notes[0] and notes[0].endswith(" h; --preset cpu-demo trains a fish here in minutes "
+                                                        "(Ctrl-C saves, --resume continues)"), notes
+    assert loop(str(tmp_path / "short"), 20) == []
+    assert loop(str(tmp_path / "demo"), 100_000, preset="cpu-demo") == []
+
+
+def test_a_training_that_starts_during_a_readers_probe_waits_for_it(tmp_path):
+    """chat and eval ask whether a run is training (held_by) by taking the lock shared for an instant; a training
+    that starts in that instant waits, and is not refused."""
+    import fcntl
+    import threading
+
+    from guppy.runlock import LOCK_NAME, RunLock, held_by
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    assert held_by(run) is None  # never trained: no lock file
+    fd = os.open(os.path.join(run, LOCK_NAME), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a reader's probe, held longer than any real one
+    threading.Timer(0.2, os.close, [fd]).start()
+    with RunLock(run):
+        assert held_by(run).startswith(f"a training (pid {os.getpid()} on ")
+    assert held_by(run) is None
