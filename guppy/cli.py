@@ -149,7 +149,7 @@ def _say_if_unfinished(path: str, loaded: str, doing: str):
 def cmd_export(a):
     from .export import export
     export(a.checkpoint, a.out, quantize=a.quantize, data_dir=a.data, runtime_dir=a.runtime_dir,
-           persona_path=a.persona, force=a.force)
+           persona_path=a.persona, force=a.force, license=a.license)
 
 
 def cmd_serve(a):
@@ -304,8 +304,11 @@ def build_parser():
     s.add_argument("--quantize", choices=["none", "uint8"], default="none",
                    help="uint8: onnxruntime dynamic quantization of the weights (~4x smaller)")
     s.add_argument("--data", help="prepared data folder: also report the held-out loss of PyTorch and each ONNX file")
-    s.add_argument("--runtime-dir", help="a local onnxruntime-web distribution (npm package or its dist/) to copy "
-                                         "into the folder, so the page works offline; default: a pinned CDN")
+    s.add_argument("--runtime-dir", help="onnxruntime-web for the page: the .tgz `npm pack onnxruntime-web@1.30.0` "
+                                         "writes (or the folder it unpacks to), copied into the folder so the page "
+                                         "works offline; default: a pinned CDN")
+    s.add_argument("--license", default="mit", help="the model card's license (a Hugging Face id: mit, apache-2.0, "
+                                                    "cc-by-4.0, ...)")
     s.add_argument("--persona", help="persona TOML for persona.json (default: the run's own persona.json)")
     s.add_argument("--force", action="store_true", help="replace an earlier export in --out")
     s.set_defaults(func=cmd_export)

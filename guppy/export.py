@@ -1,6 +1,6 @@
 """Export a trained guppy to ONNX, for onnxruntime anywhere and onnxruntime-web in a browser.
 
-    guppy export --checkpoint RUN --out DIR [--quantize none|uint8] [--data DATA] [--runtime-dir ORT_DIST]
+    guppy export --checkpoint RUN --out DIR [--quantize none|uint8] [--data DATA] [--runtime-dir TGZ|DIR]
 
 writes a folder that can be served, zipped, or uploaded to a model hub as it is:
 
@@ -8,8 +8,10 @@ writes a folder that can be served, zipped, or uploaded to a model hub as it is:
     DIR/tokenizer.json   the run's tokenizer (byte-level BPE)
     DIR/persona.json     name, description, lowercase option and sample prompts of the character
     DIR/config.json      the model's shape (guppy's ModelConfig), also stored in model.onnx's metadata
-    DIR/README.md        the model card: architecture, data, training run, eval loss, export figures
-    DIR/index.html ...   the browser chat page (guppy/web/), and runtime.json: where it gets onnxruntime-web
+    DIR/README.md        the model card: how to use it (with guppy, and in ~15 lines of plain onnxruntime), where
+                         the page can be hosted, architecture, data, training run, eval loss, export figures, license
+    DIR/index.html ...   the browser chat page (guppy/web/), and runtime.json: where it gets onnxruntime-web (a CDN,
+                         or DIR/ort/ with --runtime-dir, the .tgz of `npm pack onnxruntime-web`: works offline)
 
 The graph (one graph for the prompt and for each new token; a KV cache, so each new token costs one position):
 
@@ -41,6 +43,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -273,8 +276,10 @@ def heldout_loss(sess, config, data_dir: str, batch_size: int = 32, max_batches:
 # The folder
 # --------------------------------------------------------------------------------------------------------------------
 def export(checkpoint: str, out_dir: str, quantize: str = "none", data_dir: str | None = None,
-           runtime_dir: str | None = None, persona_path: str | None = None, force: bool = False, log=print) -> dict:
-    """Write the export folder (see the module header). Returns what the model card reports."""
+           runtime_dir: str | None = None, persona_path: str | None = None, force: bool = False, log=print,
+           license: str = "mit") -> dict:
+    """Write the export folder (see the module header). Returns what the model card reports. `license`: the card's
+    (a Hugging Face license id)."""
     from guppy.chat import find_beside, find_tokenizer
     from guppy.checkpoint import load_model
     from guppy.web import install_page
@@ -283,6 +288,8 @@ def export(checkpoint: str, out_dir: str, quantize: str = "none", data_dir: str 
     if quantize not in ("none", "uint8"):
         raise GuppyError(f"--quantize must be none or uint8, got {quantize!r}")
     _check_out_dir(out_dir, force)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        raise GuppyError(f"--license {license!r}: expected a license id such as mit, apache-2.0 or cc-by-4.0")
     if runtime_dir is not None:  # the inputs are checked before the minute of exporting, not after
         from guppy.web import find_runtime
         find_runtime(runtime_dir)
@@ -306,7 +313,8 @@ def export(checkpoint: str, out_dir: str, quantize: str = "none", data_dir: str 
             final = quantize_uint8(fp32, os.path.join(tmp, "model.uint8.onnx"))
         for p in {fp32, final}:
             write_metadata(p, {"guppy_config": model.config.to_dict(), "guppy_persona": card["name"]})
-        report = {"checkpoint": os.path.abspath(ckpt), "quantize": quantize, "fp32_bytes": os.path.getsize(fp32)}
+        report = {"checkpoint": os.path.abspath(ckpt), "quantize": quantize, "fp32_bytes": os.path.getsize(fp32),
+                  "license": license}
         if quantize == "uint8":
             report["uint8_bytes"] = os.path.getsize(final)
         if data_dir is not None:
@@ -398,14 +406,21 @@ def _log_report(r: dict, out_dir: str, log):
     elif r["quantize"] == "uint8":
         log("(pass --data DATA to compare the held-out loss of fp32 and uint8)")
     log(f"chat: guppy chat --checkpoint {out_dir}    browser: guppy serve {out_dir}")
+    runtime = r.get("runtime") or {}
+    if str(runtime.get("base", "")).startswith("https://"):
+        v = runtime["version"]
+        log(f"(the page loads onnxruntime-web {v} from a CDN; for one that works offline, export with "
+            f"--runtime-dir onnxruntime-web-{v}.tgz, from `npm pack onnxruntime-web@{v}`)")
 
 
 def model_card(model, card: dict, ckpt: str, report: dict) -> str:
     """README.md of the export folder: the model card a model hub shows."""
+    from guppy.web import ORT_WEB_VERSION
+
     cfg, state = model.config, _training_state(ckpt)
     name = card["name"]
-    lines = ["---", "library_name: onnxruntime", "pipeline_tag: text-generation", "tags: [onnx, guppy, tiny]",
-             "---", "", f"# {name}", ""]
+    lines = ["---", f"license: {report.get('license', 'mit')}", "library_name: onnxruntime",
+             "pipeline_tag: text-generation", "tags: [onnx, guppy, tiny]", "---", "", f"# {name}", ""]
     if card.get("description"):
         lines += [f"{card['description']}.", ""]
     lines += [
@@ -416,6 +431,13 @@ def model_card(model, card: dict, ckpt: str, report: dict) -> str:
         "guppy chat --checkpoint .              # onnxruntime, in a terminal (pip install 'guppy[export]')",
         "guppy serve .                          # the chat page, in your browser (onnxruntime-web, WASM)",
         "```", "",
+        "The page needs a web server (browsers do not run it from `file://`): `guppy serve`, or any static web "
+        "host, or a Hugging Face Space with the Static SDK. A model repository stores the files but does not serve "
+        "the page. Without internet, or where the CDN is blocked, export with `--runtime-dir` (the .tgz of "
+        f"`npm pack onnxruntime-web@{ORT_WEB_VERSION}`): the runtime then sits in the folder.", "",
+        "Without guppy (`pip install onnxruntime tokenizers numpy`, run in this folder; greedy, as "
+        "`guppy chat --temperature 0`):", "",
+        "```python", python_snippet(card), "```", "",
         "## Files", "",
         "| file | what |", "|---|---|",
         f"| `model.onnx` | the model, {_mb(report['model_bytes'])}"
@@ -449,10 +471,14 @@ def model_card(model, card: dict, ckpt: str, report: dict) -> str:
         "## Training", "",
     ]
     if state:
-        tc = state.get("train_config", {})
-        lines += [f"{state.get('step', '?'):,} steps of AdamW, batch {tc.get('batch_size', '?')} "
-                  f"({tc.get('batch_mode', '?')} rows), peak lr {tc.get('lr', '?')}, cosine to "
-                  f"{tc.get('min_lr', '?')}, loss on {tc.get('loss_on', 'all')} tokens.", ""]
+        tc, step, trained = state.get("train_config", {}), state.get("step", 0), _trained_steps(ckpt)
+        trained = step if trained is None else trained
+        lines += [f"{trained:,} steps, optimizer {tc.get('optimizer', 'adamw')}, batch {tc.get('batch_size', '?')} "
+                  f"({tc.get('batch_mode', '?')} rows), peak lr {tc.get('lr', '?')}, {tc.get('schedule', 'cosine')} "
+                  f"schedule to {tc.get('min_lr', '?')}, loss on {tc.get('loss_on', 'all')} tokens.", ""]
+        if step != trained:
+            lines += [f"The weights here are the run's checkpoint of step {step:,}"
+                      + (", the best held-out loss of the run." if _is_best(ckpt) else "."), ""]
         best = state.get("extra", {}).get("best_eval")
         if best is not None and best != float("inf"):
             lines += [f"Best held-out loss during training: {best:.4f} (per token).", ""]
@@ -469,7 +495,57 @@ def model_card(model, card: dict, ckpt: str, report: dict) -> str:
                   f"| PyTorch, fp32 | {report['torch_loss']:.4f} |", f"| ONNX, fp32 | {report['fp32_loss']:.4f} |"]
         if "uint8_loss" in report:
             lines += [f"| ONNX, uint8 | {report['uint8_loss']:.4f} |"]
+    lines += ["", "## License", "", f"{report.get('license', 'mit')}, as chosen at export (the `license:` line at the "
+              "top; guppy, which trained and exported this model, is MIT). Change it if the character calls for "
+              "another."]
     return "\n".join(lines) + "\n"
+
+
+def python_snippet(card: dict) -> str:
+    """The card's chat without guppy: greedy decoding with the KV cache, with tokenizers, onnxruntime and numpy only,
+    run in the export folder. It gives `guppy chat --temperature 0`'s reply (tests/test_export.py runs it as the card
+    prints it). guppy's chat also keeps a typed "<|im_end|>" from becoming a control token, and cuts long prompts."""
+    text = repr((card.get("sample_prompts") or ["hello"])[0]) + (".lower()" if card.get("lowercase") else "")
+    return "\n".join([
+        "import json, numpy as np, onnxruntime as ort",
+        "from tokenizers import Tokenizer",
+        'tok, cfg = Tokenizer.from_file("tokenizer.json"), json.load(open("config.json"))',
+        'sess = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])',
+        f'ids = tok.encode("<|im_start|>user\\n" + {text} + "<|im_end|>\\n<|im_start|>assistant\\n").ids',
+        'k = v = np.zeros((cfg["n_layers"], 1, cfg["n_heads"], 0, cfg["d_model"] // cfg["n_heads"]), np.float32)',
+        "step, reply = ids, []",
+        'while len(reply) < 64 and len(ids) + len(reply) < cfg["max_seq_len"]:  # greedy: the likeliest next token',
+        '    logits, k, v = sess.run(None, {"input_ids": np.array([step], np.int64), '
+        '"past_keys": k, "past_values": v})',
+        "    step = [int(logits[0, -1].argmax())]",
+        "    if step == [2]:  # <|im_end|>: the reply is over",
+        "        break",
+        "    reply += step",
+        "print(tok.decode(reply).strip())"])
+
+
+def _run_pointer(ckpt: str, name: str) -> dict | None:
+    """The pointer `name` (latest, best) of the run that holds the checkpoint folder RUN/checkpoints/step-N."""
+    from guppy.checkpoint import DamagedPointer, read_pointer
+
+    parent = os.path.dirname(os.path.abspath(ckpt))
+    if os.path.basename(parent) != "checkpoints":
+        return None
+    try:
+        return read_pointer(os.path.dirname(parent), name)
+    except DamagedPointer:
+        return None
+
+
+def _trained_steps(ckpt: str) -> int | None:
+    """How many steps the run trained (its latest checkpoint's), whichever of its checkpoints is exported."""
+    latest = _run_pointer(ckpt, "latest")
+    return latest["step"] if latest else None
+
+
+def _is_best(ckpt: str) -> bool:
+    best = _run_pointer(ckpt, "best")
+    return bool(best) and os.path.basename(best["checkpoint"]) == os.path.basename(os.path.abspath(ckpt))
 
 
 def _training_state(ckpt: str) -> dict | None:

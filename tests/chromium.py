@@ -7,6 +7,7 @@ Used by tests/test_web.py: open a page, evaluate JavaScript, type and press keys
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import shutil
@@ -27,11 +28,21 @@ def find_chromium() -> str | None:
     return None
 
 
+def _above_4(fd: int) -> int:
+    """The pipe end moved to a descriptor >= 10 (still non-inheritable). A process with few files open (a script,
+    not pytest) gets pipes at 3 and 4 themselves, where dup2 onto 3 and 4 would be a no-op that leaves them
+    close-on-exec, or would overwrite one end with the other."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return moved
+
+
 class Browser:
-    def __init__(self, executable: str):
+    def __init__(self, executable: str, flags: tuple = ()):
+        """`flags`: more command-line switches, e.g. --host-resolver-rules to take the browser offline."""
         self.profile = tempfile.mkdtemp(prefix="guppy-chromium-")
-        to_browser_r, self._to_browser = os.pipe()
-        self._from_browser, from_browser_w = os.pipe()
+        to_browser_r, self._to_browser = map(_above_4, os.pipe())
+        self._from_browser, from_browser_w = map(_above_4, os.pipe())
 
         # In the child: its fd 3 reads our commands, its fd 4 carries its replies. Our pipe ends are created
         # non-inheritable, so keeping the fds open (close_fds=False) leaks nothing else into the browser.
@@ -41,9 +52,10 @@ class Browser:
 
         self.log = os.path.join(self.profile, "chromium.log")
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([executable, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=wire_fds,
-                                         close_fds=False)  # else Popen closes fds 3 and 4 after wire_fds
+            command = [executable, *FLAGS, *flags, f"--user-data-dir={self.profile}", "about:blank"]
+            # close_fds=False: else Popen would close fds 3 and 4 after wire_fds
+            self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         preexec_fn=wire_fds, close_fds=False)
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._buf, self._next_id, self.session, self.events = b"", 0, None, []

@@ -181,6 +181,95 @@ def test_force_replaces_an_export_and_leaves_nothing_stale(exported, tmp_path):
     assert json.load(open(os.path.join(folder, "runtime.json")))["base"].startswith("https://")
 
 
+def npm_tarball(path, files: dict, version: str | None = "1.30.0-test"):
+    """A .tgz laid out as `npm pack` lays out onnxruntime-web's: package/dist/<file>, package/package.json."""
+    import io
+    import tarfile
+
+    members = {f"package/dist/{name}": data for name, data in files.items()}
+    if version:
+        members["package/package.json"] = json.dumps({"name": "onnxruntime-web", "version": version}).encode()
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_runtime_dir_takes_the_npm_pack_tarball_as_it_is(tmp_path):
+    from guppy.web import ORT_WEB_FILES, find_runtime, install_page, sri
+
+    files = {name: f"// {name}".encode() for name in ORT_WEB_FILES}
+    tgz = npm_tarball(tmp_path / "onnxruntime-web-1.30.0.tgz", files)
+    assert find_runtime(tgz) == tgz
+    folder = tmp_path / "page"
+    folder.mkdir()
+    runtime = install_page(str(folder), tgz)
+    assert runtime == {"version": "1.30.0-test", "base": "ort/", "files": {n: sri(d) for n, d in files.items()}}
+    assert {n: (folder / "ort" / n).read_bytes() for n in ORT_WEB_FILES} == files
+    assert json.load(open(folder / "runtime.json")) == runtime
+
+
+def test_card_counts_the_runs_steps_and_says_which_checkpoint_it_holds(exported, tmp_path):
+    """A 1,500-step run whose best eval was at step 1,250: the export holds step 1,250 (best), and the card says
+    both, from the checkpoints themselves."""
+    import shutil
+
+    from guppy.checkpoint import save_checkpoint
+    from guppy.config import TrainConfig
+    from guppy.export import model_card
+
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(exported["run"], run_dir)
+    model, _ = load_model(run_dir)
+    recipe = TrainConfig(max_steps=3000, eval_every=250)   # a recipe stopped early: its max_steps is not the count
+    save_checkpoint(run_dir, 1250, model, model.config, recipe, extra={"best_eval": 1.25}, pointers=("best",))
+    save_checkpoint(run_dir, 1500, model, model.config, recipe, extra={"best_eval": 1.25}, pointers=("latest",))
+    model, ckpt = load_model(run_dir)   # what export exports: the run's best
+    card = model_card(model, {"name": "crab"}, ckpt, {"model_bytes": 1, "quantize": "none", "license": "mit"})
+    assert "1,500 steps" in card and "1,250 steps" not in card and "3,000" not in card
+    assert "checkpoint of step 1,250, the best held-out loss of the run" in card
+    latest, _ = load_model(run_dir, prefer="latest")
+    card = model_card(latest, {"name": "crab"}, os.path.join(run_dir, "checkpoints", "step-0001500"),
+                      {"model_bytes": 1, "quantize": "none"})
+    assert "1,500 steps" in card and "checkpoint of step" not in card
+
+
+def test_card_has_a_license(exported):
+    card = open(os.path.join(exported["fp32"], "README.md")).read()
+    header = card.split("---")[1]
+    assert "\nlicense: mit\n" in header and "\n## License\n" in card
+
+
+def test_a_license_that_is_not_an_id_is_one_line(exported, tmp_path):
+    from guppy.errors import GuppyError
+
+    with pytest.raises(GuppyError, match="--license"):
+        export(exported["run"], str(tmp_path / "x"), license="MIT: do what you like\n---", log=lambda *a: None)
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_the_cards_onnxruntime_snippet_runs_as_written_and_replies_as_guppy(exported):
+    """The card's Python block, run as it is in each export folder (onnxruntime, tokenizers, numpy; no guppy), gives
+    the reply of guppy's ONNX chat at temperature 0, token for token (the tiny model says a lot: see tiny_export)."""
+    import re
+
+    from guppy.onnx_chat import OnnxChat
+
+    for folder in (exported["fp32"], exported["uint8"]):
+        card = open(os.path.join(folder, "README.md")).read()
+        blocks = re.findall(r"```python\n(.*?)```", card, re.S)
+        assert len(blocks) == 1 and len(blocks[0].splitlines()) <= 15
+        prompt = json.load(open(os.path.join(folder, "persona.json")))["sample_prompts"][0]
+        assert repr(prompt) in blocks[0]
+        r = subprocess.run([sys.executable, "-c", blocks[0]], cwd=folder, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        want = OnnxChat(folder, temperature=0.0).reply(prompt)
+        assert len(want) > 10 and r.stdout == want + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # from a fresh clone, as the issue's "done when" says: prepare, train --preset tiny, export, chat --temperature 0
 
@@ -198,6 +287,7 @@ def test_cli_prepare_train_export_chat(tmp_path):
     r = guppy("export", "--checkpoint", run_dir, "--out", out)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert f"guppy serve {out}" in r.stdout
+    assert "--runtime-dir onnxruntime-web-1.30.0.tgz, from `npm pack onnxruntime-web@1.30.0`" in r.stdout  # offline
     asks = ["--temperature", "0", "--prompt", "hi guppy", "--prompt", "What do you EAT?"]
     a, b = guppy("chat", "--checkpoint", run_dir, *asks), guppy("chat", "--checkpoint", out, *asks)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
@@ -245,6 +335,11 @@ def bad(exported):
     copy_of_export("damaged", replace={"model.onnx": b"not a model"})
     copy_of_export("no-tokenizer", skip=("tokenizer.json",))
     copy_of_export("bad-persona", replace={"persona.json": b"{not json"})
+    from guppy.web import ORT_WEB_FILES
+    whole = open(npm_tarball(os.path.join(root, "whole.tgz"), {n: os.urandom(50_000) for n in ORT_WEB_FILES}),
+                 "rb").read()
+    open(os.path.join(root, "cut.tgz"), "wb").write(whole[:len(whole) // 2])        # a download cut short
+    npm_tarball(os.path.join(root, "other.tgz"), {"ort.wasm.min.js": b"//"})          # another package
     os.makedirs(os.path.join(root, "stub", "onnx"))
     open(os.path.join(root, "stub", "onnx", "__init__.py"), "w").write("raise ImportError('no onnx here')\n")
     return root
@@ -263,6 +358,10 @@ def test_bad_inputs_are_one_line_errors(exported, bad):
         (["export", "--checkpoint", run_dir, "--out", missing, "--runtime-dir", missing], "export", ["--runtime-dir"]),
         (["export", "--checkpoint", run_dir, "--out", missing, "--runtime-dir", os.path.join(bad, "notes")], "export",
          ["not an onnxruntime-web distribution"]),
+        (["export", "--checkpoint", run_dir, "--out", missing, "--runtime-dir", os.path.join(bad, "cut.tgz")],
+         "export", ["cut.tgz", "not a readable .tgz"]),
+        (["export", "--checkpoint", run_dir, "--out", missing, "--runtime-dir", os.path.join(bad, "other.tgz")],
+         "export", ["other.tgz", "not onnxruntime-web's npm package"]),
         (["export", "--checkpoint", run_dir, "--out", missing, "--data", missing], "export", [missing]),
         (["chat", "--checkpoint", os.path.join(bad, "damaged"), "--prompt", "hi"], "chat", ["onnxruntime cannot"]),
         (["chat", "--checkpoint", os.path.join(bad, "damaged", "model.onnx"), "--prompt", "hi"], "chat",

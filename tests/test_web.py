@@ -2,8 +2,10 @@
 page, and its greedy reply compared with the PyTorch model's; the JS tokenizer against the Python one.
 
 Needs Debian's `chromium` and a local onnxruntime-web distribution (no CDN: the export uses --runtime-dir). It is
-found in $GUPPY_ORT_WEB_DIR, else in ~/.cache/guppy/, where it is fetched once with `npm pack`. Outside CI a missing
-piece skips the test with the reason; in CI (CI=true, as .ci/run sets up both) it fails instead.
+$GUPPY_ORT_WEB_DIR, else the .tgz that `npm pack` writes, fetched once into ~/.cache/guppy/ and given to the export as
+it is. Outside CI a missing piece skips the test with the reason; in CI (CI=true, as .ci/run sets up both) it fails
+instead. The page's failures (offline with the CDN runtime, a runtime file missing, opened from file://) need only
+chromium: each must show, in the chat area, what failed and the command that fixes it.
 
 `python tests/test_web.py RUN docs/chat-page.png` exports RUN and takes the README's screenshot the same way.
 """
@@ -16,7 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
+import urllib.request
 
 import pytest
 
@@ -24,9 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from chromium import Browser, find_chromium  # noqa: E402
 from tiny_export import PROMPTS, make_run  # noqa: E402
 
-from guppy.web import ORT_WEB_FILES, ORT_WEB_VERSION, find_runtime, sri  # noqa: E402
+from guppy.web import ORT_WEB_FILES, ORT_WEB_VERSION, install_page, read_runtime, sri  # noqa: E402
 
-CACHE = os.path.join(os.path.expanduser("~"), ".cache", "guppy", f"onnxruntime-web-{ORT_WEB_VERSION}")
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "guppy")
+TARBALL = f"onnxruntime-web-{ORT_WEB_VERSION}.tgz"  # the name `npm pack` gives it
 
 
 def missing(reason: str):
@@ -36,24 +39,25 @@ def missing(reason: str):
 
 
 def ort_web_dist() -> str:
-    """A local onnxruntime-web distribution: $GUPPY_ORT_WEB_DIR, else the cache, filled by `npm pack` once."""
+    """A local onnxruntime-web distribution: $GUPPY_ORT_WEB_DIR, else the cached .tgz, fetched by `npm pack` once."""
     if os.environ.get("GUPPY_ORT_WEB_DIR"):
-        return find_runtime(os.environ["GUPPY_ORT_WEB_DIR"])
-    dist = os.path.join(CACHE, "package", "dist")
-    if not os.path.isfile(os.path.join(dist, "ort-wasm-simd-threaded.wasm")):
+        return os.environ["GUPPY_ORT_WEB_DIR"]
+    tgz = os.path.join(CACHE, TARBALL)
+    if not os.path.isfile(tgz):
         npm = shutil.which("npm")
         if npm is None:
             missing("no onnxruntime-web distribution: set GUPPY_ORT_WEB_DIR, or install npm to fetch it")
         os.makedirs(CACHE, exist_ok=True)
-        r = subprocess.run([npm, "pack", f"onnxruntime-web@{ORT_WEB_VERSION}", "--silent"], cwd=CACHE,
+        part = os.path.join(CACHE, f".npm-pack-{os.getpid()}")  # renamed into place whole: never a partial .tgz
+        os.makedirs(part, exist_ok=True)
+        r = subprocess.run([npm, "pack", f"onnxruntime-web@{ORT_WEB_VERSION}", "--silent"], cwd=part,
                            capture_output=True, text=True, timeout=600)
-        if r.returncode != 0:
+        if r.returncode != 0 or not os.path.isfile(os.path.join(part, TARBALL)):
+            shutil.rmtree(part, ignore_errors=True)
             missing(f"npm pack onnxruntime-web@{ORT_WEB_VERSION} failed: {r.stderr.strip()[-300:]}")
-        with tarfile.open(os.path.join(CACHE, r.stdout.strip().splitlines()[-1])) as tar:
-            wanted = [m for m in tar.getmembers() if m.name.startswith("package/")
-                      and ("/" not in m.name[len("package/dist/"):] or m.name == "package/package.json")]
-            tar.extractall(CACHE, members=wanted)
-    return dist
+        os.replace(os.path.join(part, TARBALL), tgz)
+        shutil.rmtree(part, ignore_errors=True)
+    return tgz
 
 
 def serve(folder: str):
@@ -90,6 +94,7 @@ def ask(browser: Browser, prompt: str, temperature: str = "0") -> tuple[str, lis
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
+    """The tiny run exported with the runtime from the npm .tgz, served, and open in Chromium."""
     if find_chromium() is None:
         missing("no chromium on PATH (apt-get install chromium)")
     dist = ort_web_dist()
@@ -113,10 +118,9 @@ def page(tmp_path_factory):
 
 def test_pinned_cdn_hashes_match_the_npm_package():
     """The CDN default's SRI hashes are those of the npm package's files (which the CDN serves byte for byte)."""
-    dist = ort_web_dist()
-    with open(os.path.join(os.path.dirname(dist), "package.json")) as f:
-        assert json.load(f)["version"] == ORT_WEB_VERSION
-    assert {name: sri(os.path.join(dist, name)) for name in ORT_WEB_FILES} == ORT_WEB_FILES
+    version, files = read_runtime(ort_web_dist())
+    assert version == ORT_WEB_VERSION
+    assert {name: sri(data) for name, data in files.items()} == ORT_WEB_FILES
 
 
 def test_greedy_reply_in_the_browser_equals_pytorch(page, tmp_path):
@@ -130,6 +134,9 @@ def test_greedy_reply_in_the_browser_equals_pytorch(page, tmp_path):
         text, got = ask(browser, prompt)
         assert got == want, prompt
         assert text == (chat.reply(prompt) or NO_REPLY), prompt
+    send = browser.eval("(() => { const s = getComputedStyle(document.getElementById('send')); "
+                        "return [s.opacity, s.cursor]; })()")
+    assert send == ["1", "pointer"]   # ready: looks clickable (tests below: disabled looks disabled)
     browser.screenshot(str(tmp_path / "page.png"))
     with open(tmp_path / "page.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -187,6 +194,95 @@ def test_js_tokenizer_ids_equal_python(page):
         assert json.loads(decoded) == [tok.decode(ids) for ids in want]
         prompts = browser.eval(f"JSON.stringify({json.dumps(PROMPTS)}.map((s) => {js}.encodePrompt(s)))")
         assert json.loads(prompts) == [encode_prompt_ids(tok, p) for p in PROMPTS]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the page's failures: each one said in the chat area, with the command that fixes it, and the form disabled
+
+OFFLINE = ("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",)  # no name resolves: as offline as it gets
+
+
+@pytest.fixture(scope="module")
+def offline_browser():
+    if find_chromium() is None:
+        missing("no chromium on PATH (apt-get install chromium)")
+    browser = Browser(find_chromium(), flags=OFFLINE)
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+def page_folder(folder: str, runtime_dir: str | None = None) -> str:
+    """The page as `guppy export` installs it, with the JSON files it reads first and a stand-in model.onnx: these
+    pages stop before they load a model."""
+    from guppy.data import train_tokenizer
+
+    os.makedirs(folder)
+    install_page(folder, runtime_dir)
+    files = {"persona.json": {"name": "crab", "description": "a crab", "lowercase": True, "sample_prompts": ["hi"]},
+             "config.json": {"vocab_size": 300, "max_seq_len": 64, "d_model": 64, "n_layers": 2, "n_heads": 2,
+                             "ffn_hidden": 128, "dropout": 0.0}}
+    for name, content in files.items():
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f)
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        f.write(train_tokenizer(["hello crab", "where do you live"], vocab_size=300).to_str())
+    with open(os.path.join(folder, "model.onnx"), "wb") as f:
+        f.write(b"never loaded")
+    return folder
+
+
+def problem_shown(browser: Browser, url: str, timeout: float = 60) -> tuple[str, dict]:
+    """Open url and wait until the page gives up -> (the message in the chat area, how the send button looks)."""
+    browser.open(url)
+    browser.wait_for("document.body.dataset.error || document.body.dataset.ready", timeout=timeout)
+    text = browser.eval("document.querySelector('#log .msg.problem')?.textContent ?? '(no message in the chat area)'")
+    send = browser.eval("(() => { const b = document.getElementById('send'), s = getComputedStyle(b); "
+                        "return { disabled: b.disabled, opacity: s.opacity, cursor: s.cursor }; })()")
+    return text, send
+
+
+def served(folder: str, browser: Browser) -> tuple[str, dict]:
+    server, url = serve(folder)
+    try:
+        return problem_shown(browser, url)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+LOOKS_DISABLED = {"disabled": True, "opacity": "0.4", "cursor": "not-allowed"}
+
+
+def test_offline_with_the_cdn_runtime_the_page_says_so_and_how_to_fix_it(offline_browser, tmp_path):
+    text, send = served(page_folder(str(tmp_path / "export")), offline_browser)
+    assert f"Could not load onnxruntime-web {ORT_WEB_VERSION} from cdn.jsdelivr.net" in text and "offline" in text
+    assert f"guppy export --checkpoint RUN --out DIR --force --runtime-dir {TARBALL}" in text
+    assert f"npm pack onnxruntime-web@{ORT_WEB_VERSION}" in text
+    assert send == LOOKS_DISABLED
+
+
+def test_a_runtime_file_missing_from_the_folder_says_export_again(offline_browser, tmp_path):
+    fake = tmp_path / "dist"
+    fake.mkdir()
+    for name in ORT_WEB_FILES:
+        (fake / name).write_bytes(b"// " + name.encode())   # loads (a comment) and matches its hash
+    folder = page_folder(str(tmp_path / "export"), str(fake))
+    os.remove(os.path.join(folder, "ort", "ort-wasm-simd-threaded.wasm"))
+    text, send = served(folder, offline_browser)
+    assert "Could not load onnxruntime-web from ort/ in this folder" in text and "missing" in text
+    assert "guppy export --checkpoint RUN --out DIR --force --runtime-dir" in text
+    assert send == LOOKS_DISABLED
+
+
+def test_opened_from_a_file_the_page_says_to_serve_its_folder(offline_browser, tmp_path):
+    folder = page_folder(str(tmp_path / "my export"))
+    text, send = problem_shown(offline_browser, "file://" + urllib.request.pathname2url(
+        os.path.join(folder, "index.html")), timeout=20)
+    assert "opened as a file" in text and f'guppy serve "{folder}"' in text
+    assert f'python3 -m http.server --directory "{folder}"' in text
+    assert send == LOOKS_DISABLED
 
 
 def main(run: str, png: str):

@@ -13,14 +13,58 @@
 // Generation uses the graph's KV cache (guppy/export.py): one call on the prompt, then one call per new token with
 // the cache fed back, so each new token costs one position. Sampling mirrors guppy/model.py: sample (temperature,
 // then top-k, then top-p; temperature 0 is greedy), and prompts are built and cut as guppy/chat.py builds them.
+//
+// The page is never silent: each way it can fail to start (the runtime offline or blocked, a file of the export
+// missing, the server gone, the model refused) is a Problem, which index.html's problem() shows in the chat area with
+// the command that fixes it. (A page opened from file:// never gets here: index.html says that one itself.)
 import { ByteLevelBPE, IM_END_ID } from "./tokenizer.js";
 
 const $ = (id) => document.getElementById(id);
+const REEXPORT = "guppy export --checkpoint RUN --out DIR --force";
+
+class Problem extends Error {
+  constructor(what, fix, after) {
+    super(what);
+    this.fix = fix;
+    this.after = after;
+  }
+}
 
 async function getJSON(url) {
-  const r = await fetch(url);
-  if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
-  return r.json();
+  let r;
+  try {
+    r = await fetch(url);
+  } catch (e) {
+    throw new Problem(`Could not fetch ${url} (${e.message}): the server that served this page has stopped. `
+                      + "Start it again with", "guppy serve DIR");
+  }
+  if (!r.ok) {
+    throw new Problem(`${url} is not here (HTTP ${r.status}): this folder is not a complete guppy export. `
+                      + "Export it again with", REEXPORT);
+  }
+  try {
+    return await r.json();
+  } catch (e) {
+    throw new Problem(`${url} is damaged (${e.message}). Export the folder again with`, REEXPORT);
+  }
+}
+
+// The runtime did not load: from the CDN (offline, or blocked), or from ort/ in the folder (a file missing or
+// changed). Either way the fix is the runtime inside the folder, from the .tgz `npm pack` writes.
+function runtimeProblem(runtime, cause) {
+  const version = /^\d/.test(runtime.version) ? runtime.version : "";
+  const tgz = version ? `onnxruntime-web-${version}.tgz` : "onnxruntime-web-VERSION.tgz";
+  const fix = `${REEXPORT} --runtime-dir ${tgz}`;
+  const after = `(${tgz} is the file \`npm pack onnxruntime-web${version && "@" + version}\` writes. `
+                + "The folder then holds the runtime, and the page needs no CDN.)";
+  const base = new URL(runtime.base, location.href);
+  if (base.origin !== location.origin) {
+    return new Problem(`Could not load onnxruntime-web ${runtime.version} from ${base.host}: this computer is `
+                       + `offline, or something blocks ${base.host} (a firewall, an ad blocker, the web host's `
+                       + "Content-Security-Policy). Put the runtime into the folder: export it again with", fix, after);
+  }
+  return new Problem(`Could not load onnxruntime-web from ${runtime.base} in this folder (${cause}): a file is `
+                     + "missing, or changed since the export. Export it again with", fix, after);
 }
 
 function loadScript(src, integrity) {
@@ -44,11 +88,16 @@ async function fetchChecked(url, integrity) {
 async function loadRuntime(runtime) {
   const url = (name) => new URL(name, new URL(runtime.base, location.href)).href;
   const f = runtime.files;
-  await loadScript(url("ort.wasm.min.js"), f["ort.wasm.min.js"]);
-  const [loader, binary] = await Promise.all([
-    fetchChecked(url("ort-wasm-simd-threaded.mjs"), f["ort-wasm-simd-threaded.mjs"]).then((r) => r.text()),
-    fetchChecked(url("ort-wasm-simd-threaded.wasm"), f["ort-wasm-simd-threaded.wasm"]).then((r) => r.arrayBuffer()),
-  ]);
+  let loader, binary;
+  try {
+    await loadScript(url("ort.wasm.min.js"), f["ort.wasm.min.js"]);
+    [loader, binary] = await Promise.all([
+      fetchChecked(url("ort-wasm-simd-threaded.mjs"), f["ort-wasm-simd-threaded.mjs"]).then((r) => r.text()),
+      fetchChecked(url("ort-wasm-simd-threaded.wasm"), f["ort-wasm-simd-threaded.wasm"]).then((r) => r.arrayBuffer()),
+    ]);
+  } catch (e) {
+    throw runtimeProblem(runtime, e.message);
+  }
   ort.env.wasm.numThreads = 1;
   ort.env.wasm.wasmBinary = binary;
   ort.env.wasm.wasmPaths = { mjs: URL.createObjectURL(new Blob([loader], { type: "text/javascript" })) };
@@ -135,6 +184,7 @@ function settings() {
 }
 
 async function main() {
+  if (document.body.dataset.error) return;   // index.html found the page cannot run here (file://) and said so
   const status = $("status");
   try {
     status.textContent = "loading…";
@@ -148,7 +198,13 @@ async function main() {
     status.textContent = `loading onnxruntime-web ${runtime.version}…`;
     await loadRuntime(runtime);
     status.textContent = "loading the model…";
-    const session = await ort.InferenceSession.create("model.onnx", { executionProviders: ["wasm"] });
+    let session;
+    try {
+      session = await ort.InferenceSession.create("model.onnx", { executionProviders: ["wasm"] });
+    } catch (e) {
+      throw new Problem(`onnxruntime-web ${runtime.version} could not load model.onnx (${e.message || e}). `
+                        + "Export the folder again with", REEXPORT);
+    }
     const model = new Model(session, config);
     // what the prompt may use of the context after room for a reply (guppy/chat.py: Chat.max_prompt)
     const maxPrompt = (s) => config.max_seq_len - Math.min(s.maxNewTokens, Math.floor(config.max_seq_len / 2));
@@ -190,8 +246,9 @@ async function main() {
     status.textContent = `ready: onnxruntime-web ${runtime.version}, WASM`;
     document.body.dataset.ready = "1";
   } catch (e) {
-    status.textContent = `error: ${e.message}`;
-    document.body.dataset.error = e.message;
+    if (e instanceof Problem) problem(e.message, e.fix, e.after);   // problem(): index.html
+    else problem(`The page stopped while starting: ${e.message}. Reload it; if that fails too, export again with`,
+                 REEXPORT);
     throw e;
   }
 }
