@@ -84,6 +84,10 @@ class Topic:
     _inputs: list = field(default_factory=list, repr=False, compare=False)
     _outputs: list = field(default_factory=list, repr=False, compare=False)
 
+    def output_slot_names(self) -> list[str]:
+        """The slots its output templates name, each once, in order of first use."""
+        return list(dict.fromkeys(name for o in self.outputs for name in _slot_names(_parse(o))))
+
 
 @dataclass
 class Persona:

@@ -186,15 +186,12 @@ class TopicCounts:
 
 
 def _topics(persona, samples: int) -> list[TopicCounts]:
-    from .persona import _parse, _slot_names
-
     total = sum(t.weight for t in persona.topics)
     out = []
     for t in persona.topics:
         share = t.weight / total
         ins, outs = side_of(t._inputs, persona.lowercase), side_of(t._outputs)
-        used = dict.fromkeys(name for o in t.outputs for name in _slot_names(_parse(o)))
-        slots = {name: len(t.slots.get(name) or persona.slots[name]) for name in used}
+        slots = {name: len(t.slots.get(name) or persona.slots[name]) for name in t.output_slot_names()}
         n_t = max(1, round(samples * share))
         out.append(TopicCounts(t.name, t.weight, share, ins, outs, slots, expected_distinct(outs.hist, n_t) / n_t))
     return out
