@@ -10,11 +10,12 @@ ops that need a device value on the host:
     nonzero, masked_select,  output shapes that depend on the data: the host must read the data to size them
     unique*, ...
     a copy to the CPU        .cpu(), .tolist(), .numpy() on a device tensor (counted when its source is not on
-                             the CPU: on a CPU-only run, use a fake device such as "meta" to see these)
+                             the CPU)
+
+count_cpu=True also counts the first two kinds on CPU tensors: a run whose stand-in device is the CPU.
 
 plus `torch.cuda.synchronize()` where CUDA exists. torch's GradScaler reads found_inf with `.item()` for an optimizer
-that does not declare `_step_supports_amp_scaling`: that read is one of these. An op on a meta tensor has no value
-to read: the counter answers reads of meta tensors with zeros so that a loop on a fake device runs on.
+that does not declare `_step_supports_amp_scaling`: that read is one of these.
 """
 from __future__ import annotations
 
@@ -72,9 +73,6 @@ class SyncCounter(TorchDispatchMode):
             self.device_ops += any(_on_device(a) for a in (*args, *kwargs.values()))
         if _reads_back(func, args, kwargs, self.count_cpu):
             self.by_op[str(func.overloadpacket.__name__)] += 1
-            src = args[1] if func is aten.copy_.default else args[0]
-            if src.device.type == "meta":  # a fake device has no data: read zeros
-                return _zeros_for(func, args, kwargs)
         return func(*args, **kwargs)
 
     def __enter__(self):
@@ -92,16 +90,3 @@ class SyncCounter(TorchDispatchMode):
         if self._cuda_sync is not None:
             torch.cuda.synchronize, self._cuda_sync = self._cuda_sync, None
         return super().__exit__(*exc)
-
-
-def _zeros_for(func, args, kwargs):
-    """What a read of a meta tensor returns under the counter: 0 for a scalar read, empty for a data-dependent shape,
-    zeros of the right shape for a copy to the CPU."""
-    src = args[0]
-    if func in SCALAR_READS:
-        return False if func is aten.is_nonzero.default else torch.zeros((), dtype=src.dtype).item()
-    if func in DATA_DEPENDENT_SHAPES:
-        return torch.empty((0, src.dim()) if func is aten.nonzero.default else (0,), dtype=torch.int64, device="meta")
-    if func is aten.copy_.default:
-        return args[0].zero_()
-    return torch.zeros(src.shape, dtype=kwargs.get("dtype") or src.dtype, device="cpu")
