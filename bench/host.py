@@ -53,6 +53,7 @@ import torch
 from guppy import checkpoint as ckpt_lib
 from guppy.config import preset
 from guppy.data import IGNORE, Batcher
+from guppy.errors import GuppyError
 from guppy.graphs import CudaGraphStep
 from guppy.model import GuppyLM
 from guppy.syncs import SyncCounter
@@ -226,7 +227,13 @@ def builds(result):
     result["triton_compile"] = triton_
 
 
+MIN_STEPS = 10  # the steady state needs steps that neither evaluate nor save, and a median and a p90 of them
+
+
 def main(args):
+    if args.steps is not None and args.steps < MIN_STEPS:
+        raise GuppyError(f"--steps {args.steps}: at least {MIN_STEPS} (the figures are over the steps that neither "
+                         "evaluate nor save)")
     model_cfg, cfg = preset(PRESET)
     result = {**environment("cpu"), "benchmark": f"host side of {PRESET} (the T4 path: one CUDA graph a step, Muon)",
               "python": sys.version.split()[0], "preset": PRESET,

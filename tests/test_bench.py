@@ -181,3 +181,13 @@ def test_bench_host_counts_the_fast_paths_host_side(tmp_path):
     assert 0 < result["syncs_per_step"] <= 1 / 50
     assert 8 <= result["ops_outside_graph_per_step"] < 9
     assert result["eval_syncs"] == 1 and result["eval_ops"] > 100 * result["eval_batches"]
+
+
+@pytest.mark.parametrize("steps", ["0", "-5", "3"])
+def test_bench_host_refuses_too_few_steps_in_one_line(steps):
+    r = subprocess.run([sys.executable, "-m", "bench", "host", "--steps", steps, "--no-builds"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert lines[0] == f"python -m bench host: error: --steps {steps}: at least 10 (the figures are over the steps " \
+                       "that neither evaluate nor save)"
