@@ -10,7 +10,7 @@ import torch
 from .checkpoint import load_model, read_run_record
 from .data import (IM_END_ID, IM_START_ID, eval_batches, file_sha256, load_split, load_tokenizer, read_jsonl,
                    read_meta)
-from .errors import GuppyError
+from .errors import GuppyError, printable
 
 
 NO_REPLY = "(no reply)"  # shown when the model ends its turn at once, instead of an empty line
@@ -156,7 +156,8 @@ class Chat:
             input_fn = input
             if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 arrives with its bytes kept, to report it
                 sys.stdin.reconfigure(errors="surrogateescape")
-        print_fn(f"chatting with {self.persona['name']} (/help for commands, Ctrl-D or /quit to leave)")
+        # the name (persona.json) and the replies (a model) are printed escaped, never raw (errors.printable)
+        print_fn(f"chatting with {printable(self.persona['name'])} (/help for commands, Ctrl-D or /quit to leave)")
         while True:
             try:
                 text = input_fn("you> ")
@@ -179,7 +180,7 @@ class Chat:
             if truncated:
                 print_fn(f"(note: your message is longer than the context; only its last {self.max_prompt} tokens "
                          "are used)")
-            print_fn(f"{self.persona['name']}> {self.reply(text) or NO_REPLY}")
+            print_fn(f"{printable(self.persona['name'])}> {printable(self.reply(text) or NO_REPLY)}")
 
     def command(self, line: str, print_fn=print) -> bool:
         """A REPL line that starts with "/" (REPL_COMMANDS): do it; True to leave."""
@@ -189,9 +190,9 @@ class Chat:
         if name == "/help":
             for command, what in REPL_COMMANDS.items():
                 print_fn(f"  {command:<8} {what}")
-            print_fn(f"  anything else is a message to {self.persona['name']}; an empty line is skipped")
+            print_fn(f"  anything else is a message to {printable(self.persona['name'])}; an empty line is skipped")
         else:
-            print_fn(f"(unknown command {name}; /help lists the commands)")
+            print_fn(f"(unknown command {printable(name)}; /help lists the commands)")
         return False
 
 

@@ -42,10 +42,21 @@ Rules:
 - Every template is checked at load time; any problem raises `PersonaError("<file>: <problem>")`, one line.
   Unknown keys are errors, so that a typo ("ouputs") cannot silently drop a field. A TOML mistake names its line (a
   missing ',' the line that lacks it, not the next one, where tomllib stops); a UTF-8 byte-order mark is ignored.
+- Limits, checked before any sampling: the same check serves `python -m guppy.persona` and `guppy prepare`, so the
+  validator refuses exactly what prepare refuses. A file of at most MAX_FILE_BYTES, nested at most MAX_NESTING deep
+  (tables and arrays); a text (a template, a slot value, a name, a keyword) of at most MAX_TEXT_CHARS characters and
+  no control characters (a tab or a line break in a template is whitespace, collapsed like any other); at most
+  MAX_PLACEHOLDERS placeholders in one template or slot value; a conversation (a topic's longest filled input and
+  longest filled output) of at most MAX_CONVERSATION_CHARS, as for `guppy prepare --from-jsonl`; a weight above 0
+  and at most MAX_WEIGHT; and no filling that writes one of guppy's control tokens (CONTROL_TOKENS: `<|im_end|>`,
+  `<|im_start|>`, `<pad>`, also where a slot value completes one that its template starts, or a lowercased input
+  makes one): only the chat template may place those. Why each bound: an unbounded file, depth or text made the
+  validator or prepare run out of memory or recursion, or run for minutes (BPE training is quadratic in the length
+  of a word: a 1,000,000-character word had prepare still running at 240 s; 20,000 placeholders in one template had
+  the report running past 30 s); a weight of 1e308 made the weights' total infinite and every sample one topic's.
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import re
@@ -53,7 +64,7 @@ import tomllib
 from bisect import bisect
 from dataclasses import dataclass, field
 
-from .errors import GuppyError, exit_interrupted
+from .errors import GuppyError, exit_interrupted, printable
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # One token of a template: an escaped brace, a {placeholder} (contents checked after), or a brace with no partner.
@@ -62,14 +73,32 @@ _TOP_KEYS = {"persona", "slots", "topics"}
 _PERSONA_KEYS = {"name", "description", "lowercase"}
 _TOPIC_KEYS = {"name", "weight", "keywords", "inputs", "outputs", "slots"}
 
+MAX_FILE_BYTES = 4 << 20         # a persona file (the shipped fish is ~100 kB)
+MAX_NESTING = 8                  # tables and arrays in tables and arrays (a persona needs 5)
+MAX_TEXT_CHARS = 1_000           # one template, slot value, name, keyword or the description (the fish's longest: 110)
+MAX_PLACEHOLDERS = 20            # in one template or slot value (the fish's most: 5)
+MAX_CONVERSATION_CHARS = 10_000  # a filled input + output; = guppy.data.MAX_CONVERSATION_CHARS (tests/test_persona.py)
+MAX_WEIGHT = 1e6                 # a topic's weight (relative: 2 is twice as often as 1)
+MAX_CARD_BYTES = 1 << 20         # a persona.json
+# guppy's control tokens; = guppy.data.SPECIAL_TOKENS (tests/test_persona.py), not imported: data imports this module
+CONTROL_TOKENS = ("<pad>", "<|im_start|>", "<|im_end|>")
+_TOKEN_PREFIXES = {t[:i] for t in CONTROL_TOKENS for i in range(1, len(t))}
+_LONGEST_TOKEN = max(map(len, CONTROL_TOKENS))
+# Characters a persona's text may not hold: control characters (ESC would reach the terminal through chat and the
+# validator) and the bidirectional overrides. A template or slot value may hold a tab or a line break (whitespace,
+# collapsed when filled); a name or a keyword may not.
+_BIDI_AND_SURROGATES = r"\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+_CONTROL_IN_TEXT = re.compile(rf"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{_BIDI_AND_SURROGATES}]")
+_CONTROL_IN_NAME = re.compile(rf"[\x00-\x1f\x7f-\x9f{_BIDI_AND_SURROGATES}]")
+
 
 class PersonaError(GuppyError, ValueError):
     """A persona file that cannot be used. str() is one line: "<file path>: <problem>"."""
 
     def __init__(self, path, problem: str):
         self.path = os.fspath(path)
-        self.problem = " ".join(str(problem).split())  # one line, whatever the problem text held
-        super().__init__(f"{self.path}: {self.problem}")
+        self.problem = printable(" ".join(str(problem).split()))  # one line, whatever the problem text held
+        super().__init__(f"{printable(self.path)}: {self.problem}")  # a newline in the path reads \n
 
 
 @dataclass
@@ -118,7 +147,7 @@ def shipped_personas() -> list[str]:
 
 def _parse(template: str) -> list:
     """Split a template into literal strings and slot names (as 1-tuples); raises ValueError on bad braces."""
-    parts, pos = [], 0
+    parts, pos, placeholders = [], 0, 0
     for m in _TEMPLATE_TOKEN.finditer(template):
         parts.append(template[pos:m.start()])
         tok = m.group(0)
@@ -132,6 +161,10 @@ def _parse(template: str) -> list:
             raise ValueError(f"has an invalid placeholder {tok} (a slot name is letters, digits and _)")
         else:
             parts.append((m.group(1),))
+            placeholders += 1
+            if placeholders > MAX_PLACEHOLDERS:
+                raise ValueError(f"has more than {MAX_PLACEHOLDERS} placeholders, the limit for one template or "
+                                 "slot value")
         pos = m.end()
     parts.append(template[pos:])
     return parts
@@ -169,16 +202,34 @@ def _fill(parts: tuple, rng: random.Random) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # loading and validation
 
-def _string_list(value, what: str, fail, allow_empty_strings: bool = False) -> list[str]:
+def _short(value, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: an error message quotes what is wrong, not a whole file."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text):,} characters)"
+
+
+def _check_text(v: str, what: str, fail, name: bool = False) -> str:
+    """A persona's text: at most MAX_TEXT_CHARS characters, no control characters (in a name, not even a tab)."""
+    if len(v) > MAX_TEXT_CHARS:
+        fail(f"{what} {_short(v, 30)} is {len(v):,} characters long; the limit is {MAX_TEXT_CHARS:,} (a model sees "
+             "a few hundred characters of a conversation)")
+    bad = (_CONTROL_IN_NAME if name else _CONTROL_IN_TEXT).search(v)
+    if bad:
+        fail(f"{what} {_short(v, 40)} holds the control character {bad.group()!r}; a persona's text is plain text")
+    return v
+
+
+def _string_list(value, what: str, fail, allow_empty_strings: bool = False, names: bool = False) -> list[str]:
     if not isinstance(value, list):
         fail(f"{what} must be a list of strings, got {type(value).__name__}")
     if not value:
         fail(f"{what} is an empty list")
     for i, v in enumerate(value):
         if not isinstance(v, str):
-            fail(f"{what}[{i}] must be a string, got {type(v).__name__} {v!r}")
+            fail(f"{what}[{i}] must be a string, got {type(v).__name__} {_short(v)}")
         if not allow_empty_strings and not v.strip():
             fail(f"{what}[{i}] is an empty string")
+        _check_text(v, f"{what}[{i}]", fail, name=names)
     return value
 
 
@@ -275,6 +326,89 @@ def _toml_problem(text: str, msg: str) -> str:
     return f"line {line}: invalid TOML ({what}, column {col})"
 
 
+def _nesting(data) -> int:
+    """How deep tables and arrays sit inside one another (the top table is 1), counted without recursion; stops
+    counting past MAX_NESTING."""
+    deepest, stack = 0, [(data, 1)]
+    while stack and deepest <= MAX_NESTING:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((c, depth + 1) for c in children)
+    return deepest
+
+
+def _max_chars(parts, memo: dict) -> int:
+    """The most characters a compiled template (or nested value) can fill to, before whitespace is collapsed."""
+    n = 0
+    for p in parts:
+        if p.__class__ is str:
+            n += len(p)
+        else:
+            key = ("len", id(p))
+            if key not in memo:
+                memo[key] = (max(len(c) if c.__class__ is str else _max_chars(c, memo) for c in p), p)
+            n += memo[key][0]
+    return n
+
+
+def _tail(text: str) -> str:
+    """The longest end of `text` that begins a control token (what a following text could complete into one)."""
+    if "<" not in text[-_LONGEST_TOKEN:]:
+        return ""
+    for i in range(max(0, len(text) - _LONGEST_TOKEN), len(text)):
+        if text[i:] in _TOKEN_PREFIXES:
+            return text[i:]
+    return ""
+
+
+def _control_token(parts, tails: frozenset, lower: bool, memo: dict) -> tuple[str | None, frozenset]:
+    """(a control token some filling of `parts` writes, or None; the ends a filling can leave), where the text
+    before it may end in any of `tails` (`_tail`). Every choice is followed, but only through these few ends, so
+    this costs (choices x ends), not (fillings). Whitespace collapsing cannot make a token (none holds a space)."""
+    for p in parts:
+        key = (lower, id(p) if p.__class__ is not str else p, tails)
+        if key not in memo:
+            found, after = None, set()
+            for c in ((p,) if p.__class__ is str else p):
+                if c.__class__ is str:
+                    c = c.lower() if lower else c
+                    for t in tails:
+                        found = next((tok for tok in CONTROL_TOKENS if tok in t + c), None)
+                        if found:
+                            break
+                        after.add(_tail(t + c))
+                else:
+                    found, ends = _control_token(c, tails, lower, memo)
+                    after |= ends
+                if found:
+                    break
+            memo[key] = (found, frozenset(after), p)  # p kept alive: its id() stays its own
+        found, tails = memo[key][:2]
+        if found:
+            return found, frozenset()
+    return None, tails
+
+
+def _check_fillings(topic: Topic, lowercase: bool, memo: dict, fail):
+    """What a topic's filled templates can write: no control token, and no conversation over the length limit."""
+    for what, templates, compiled, lower in (("inputs", topic.inputs, topic._inputs, lowercase),
+                                             ("outputs", topic.outputs, topic._outputs, False)):
+        for i, parts in enumerate(compiled):
+            found, _ = _control_token(parts, frozenset({""}), lower, memo)
+            if found:
+                fail(f"wrote {found} in a filling of {what}[{i}] {_short(templates[i], 50)} (from the template or "
+                     "a slot value): it is one of guppy's control tokens, which only the chat template may place; "
+                     "remove it from the persona's text")
+    longest = [max(range(len(c)), key=lambda i, c=c: _max_chars(c[i], memo)) for c in (topic._inputs, topic._outputs)]
+    chars = [_max_chars(topic._inputs[longest[0]], memo), _max_chars(topic._outputs[longest[1]], memo)]
+    if sum(chars) > MAX_CONVERSATION_CHARS:
+        fail(f"can write a conversation of {sum(chars):,} characters (inputs[{longest[0]}] filled to {chars[0]:,}, "
+             f"outputs[{longest[1]}] to {chars[1]:,}); the limit is {MAX_CONVERSATION_CHARS:,}, as for "
+             "--from-jsonl (a model sees a few hundred): shorten its slot values")
+
+
 def load_persona(path: str | os.PathLike | None = None) -> Persona:
     """Read, validate and compile a persona file (None = the shipped guppy persona). Raises PersonaError."""
     path = os.fspath(path) if path is not None else default_persona_path()
@@ -284,15 +418,25 @@ def load_persona(path: str | os.PathLike | None = None) -> Persona:
 
     try:
         with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
+            raw = f.read(MAX_FILE_BYTES + 1)  # never more: /dev/zero ends here, not in a MemoryError
+        if len(raw) > MAX_FILE_BYTES:
+            fail(f"larger than {MAX_FILE_BYTES >> 20} MiB, the limit for a persona file (the shipped fish is "
+                 "~100 kB); is it a persona?")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark, as some Windows editors save
     except OSError as e:
         fail(f"cannot read file ({e.strerror or e})")
     except UnicodeDecodeError as e:
         fail(f"not UTF-8 text ({e.reason} at byte {e.start})")
     try:
-        data = tomllib.loads(text.removeprefix("\ufeff"))  # a byte-order mark, as some Windows editors save
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        fail(_toml_problem(text.removeprefix("\ufeff"), str(e)))
+        fail(_toml_problem(text, str(e)))
+    except RecursionError:  # tomllib parses nested arrays and inline tables by recursion
+        fail(f"nested too deeply (arrays or inline tables hundreds of levels inside one another; a persona needs "
+             f"5 levels, and the limit is {MAX_NESTING})")
+    if _nesting(data) > MAX_NESTING:
+        fail(f"nested more than {MAX_NESTING} levels deep (tables and arrays inside one another); a persona needs "
+             "5 levels")
 
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
@@ -307,11 +451,13 @@ def load_persona(path: str | os.PathLike | None = None) -> Persona:
     name, description = head.get("name"), head.get("description", "")
     if not isinstance(name, str) or not name.strip():
         fail("[persona] name must be a non-empty string")
+    _check_text(name, "[persona] name", fail, name=True)
     if not isinstance(description, str):
         fail("[persona] description must be a string")
+    _check_text(description, "[persona] description", fail)
     lowercase = head.get("lowercase", False)
     if not isinstance(lowercase, bool):
-        fail(f"[persona] lowercase must be true or false, got {lowercase!r}")
+        fail(f"[persona] lowercase must be true or false, got {_short(lowercase)}")
 
     shared_raw = _slot_table(data.get("slots", {}), "[slots]", fail)
     shared = _compile_slots(shared_raw, {}, fail)
@@ -322,7 +468,7 @@ def load_persona(path: str | os.PathLike | None = None) -> Persona:
     if not isinstance(raw_topics, list) or not all(isinstance(t, dict) for t in raw_topics):
         fail("topics must be written as [[topics]] tables")
 
-    topics, seen = [], {}
+    topics, seen, memo = [], {}, {}
     for i, raw in enumerate(raw_topics, start=1):
         tname = raw.get("name")
         label = f"topic {tname!r}" if isinstance(tname, str) and tname.strip() else f"topic {i}"
@@ -335,26 +481,30 @@ def load_persona(path: str | os.PathLike | None = None) -> Persona:
             tfail(f"has unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_TOPIC_KEYS))})")
         if not isinstance(tname, str) or not tname.strip():
             tfail("has no name (name = \"...\" becomes the category)")
+        _check_text(tname, "name", tfail, name=True)
         if tname in seen:
             fail(f"topics {seen[tname]} and {i} are both named {tname!r} (topic names must be unique)")
         seen[tname] = i
         weight = raw.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 < weight < math.inf):
-            tfail(f"weight must be a positive number, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 < weight <= MAX_WEIGHT):
+            tfail(f"weight must be a positive number, at most {MAX_WEIGHT:,.0f} (weights are relative: 2 is twice as "
+                  f"often as 1), got {_short(weight)}")
         for key in ("keywords", "inputs", "outputs"):
             if key not in raw:
                 tfail(f"has no {key}")
-        keywords = _string_list(raw["keywords"], "keywords", tfail)
+        keywords = _string_list(raw["keywords"], "keywords", tfail, names=True)
         inputs = _string_list(raw["inputs"], "inputs", tfail)
         outputs = _string_list(raw["outputs"], "outputs", tfail)
         local_raw = _slot_table(raw.get("slots", {}), "[topics.slots]", tfail)
         scope = _compile_slots(local_raw, shared, tfail) if local_raw else shared
-        topics.append(Topic(
+        topic = Topic(
             name=tname, weight=float(weight), keywords=list(keywords), inputs=list(inputs), outputs=list(outputs),
             slots=dict(local_raw),
             _inputs=_compile_templates(inputs, scope, "inputs", tfail),
             _outputs=_compile_templates(outputs, scope, "outputs", tfail),
-        ))
+        )
+        _check_fillings(topic, lowercase, memo, tfail)
+        topics.append(topic)
 
     cum, total = [], 0.0
     for t in topics:
@@ -463,10 +613,16 @@ def read_card(path: str) -> dict:
     import json
 
     try:
-        with open(path, encoding="utf-8") as f:
-            card = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CARD_BYTES + 1)
+        if len(raw) > MAX_CARD_BYTES:
+            raise PersonaError(path, f"larger than {MAX_CARD_BYTES >> 20} MiB: not a persona card (prepare writes "
+                                     "a few hundred bytes)")
+        card = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PersonaError(path, f"unreadable persona card ({getattr(e, 'strerror', None) or e})") from None
+    except RecursionError:
+        raise PersonaError(path, "unreadable persona card (nested too deeply)") from None
     if not isinstance(card, dict) or not isinstance(card.get("name"), str):
         raise PersonaError(path, "a persona card is a JSON object with a string \"name\"")
     if not isinstance(card.get("lowercase", False), bool) or not isinstance(card.get("description", ""), str):
@@ -546,7 +702,8 @@ def main(argv=None):
         print("", *(f"warning: {w}" for w in report.warnings), sep="\n")
     if report.fatal:
         sys.stdout.flush()  # the refusal comes last, also where stdout is a pipe
-        print(f"{command}: error: {persona.path}: guppy prepare would refuse it: {report.fatal}", file=sys.stderr)
+        print(f"{command}: error: {printable(persona.path)}: guppy prepare would refuse it: {report.fatal}",
+              file=sys.stderr)
         sys.exit(1)
 
 

@@ -37,12 +37,18 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+from .errors import printable
+
 UNIQUE_REPLY_AIM = 0.5    # expected unique replies, over the persona and over each topic's own samples
 SEEN_REPLY_LIMIT = 0.5    # expected share of held-out replies that also occur in train
 EXACT_LIMIT = 20_000      # a side with at most this many fillings is enumerated (exact counts)
 MAX_TOPIC_WARNINGS = 5    # thin topics named one by one; the rest are counted
 TRAIN_ATTEMPTS = 50       # generate_dataset gives up after this many draws per train conversation
 _BIN = 1e4                # histogram bins: round(ln p * _BIN)
+# At most this many bins (neighbours merged beyond: _coarsen), so that the products stay small: a slot's values, a
+# template's fillings, and a side (a topic's inputs or outputs). The shipped fish needs 10, 310 and 134; without the
+# bound, a template of 50 placeholders whose slots list their values unevenly took minutes.
+SLOT_BINS, TEMPLATE_BINS, SIDE_BINS = 64, 512, 256
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,12 +66,26 @@ def _hist_merge(into: dict, h: dict, scale: float = 1.0) -> dict:
     return into
 
 
-def _hist_product(a: dict, b: dict) -> dict:
-    """The histogram of (x, y) pairs drawn independently from a and b."""
+def _hist_product(a: dict, b: dict, limit: int = TEMPLATE_BINS) -> dict:
+    """The histogram of (x, y) pairs drawn independently from a and b (at most `limit` bins)."""
     out = {}
     for ca, ma in a.values():
         for cb, mb in b.values():
             _hist_add(out, (ma / ca) * (mb / cb), ca * cb, ma * mb)
+    return _coarsen(out, limit)
+
+
+def _coarsen(h: dict, limit: int) -> dict:
+    """h with at most `limit` bins: where it has more, bins of neighbouring probability are merged into `limit`
+    equal spans of ln p (each merged bin then stands for its outcomes at their mean probability)."""
+    if len(h) <= limit:
+        return h
+    lo, hi = min(h), max(h)
+    out = {}
+    for key, (count, mass) in h.items():
+        entry = out.setdefault(int((key - lo) * (limit - 1) / (hi - lo)), [0, 0.0])
+        entry[0] += count
+        entry[1] += mass
     return out
 
 
@@ -117,7 +137,7 @@ def _template_hist(parts) -> dict:
                 _hist_add(slot, q, 1)
             else:
                 _hist_merge(slot, _template_hist(c), q)
-        h = _hist_product(h, slot)
+        h = _hist_product(h, _coarsen(slot, SLOT_BINS))
     return h
 
 
@@ -160,11 +180,11 @@ def side_of(templates: list, lowercase: bool = False) -> Side:
         hist = {}
         for q in texts.values():
             _hist_add(hist, q, 1)
-        return Side(len(templates), len(texts), True, hist, texts)
+        return Side(len(templates), len(texts), True, _coarsen(hist, SIDE_BINS), texts)
     hist = {}
     for t in templates:
         _hist_merge(hist, _template_hist(t), 1 / len(templates))
-    return Side(len(templates), fillings, False, hist, None)
+    return Side(len(templates), fillings, False, _coarsen(hist, SIDE_BINS), None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,8 +325,9 @@ def persona_report(persona, samples: int = 60_000, eval_fraction: float = 0.05) 
     thin = sorted((t for t in topics if t.unique_replies < UNIQUE_REPLY_AIM), key=lambda t: t.unique_replies)
     fix = (f"add outputs or slot values, first to {', '.join(repr(t.name) for t in thin[:3])}" if thin
            else "add topics, outputs and slot values")
-    r.fatal = _fatal(r, persona.path, fix)
-    r.warnings = _warnings(r, persona.path, thin, fix)
+    path = printable(persona.path)  # a newline in the file's name would break the report's lines
+    r.fatal = _fatal(r, path, fix)
+    r.warnings = _warnings(r, path, thin, fix)
     head = _headline(r, persona)
     tail = ([f"cannot be prepared: {r.fatal}"] if r.fatal else []) + [f"warning: {w}" for w in r.warnings]
     r.details = "\n".join(head + [""] + _table(r))
@@ -382,8 +403,8 @@ def _headline(r: Report, persona) -> list[str]:
     n = len(persona.topics)
     how = "counted exactly" if r.exact else "'~': estimated, at most this many"
     return [
-        f"{persona.path}: {persona.name!r}, {n} topic{'s' if n != 1 else ''}; at --samples {r.samples:,} and "
-        f"--eval-fraction {r.eval_fraction}: {r.n_train:,} train + {r.n_eval:,} held-out conversations",
+        f"{printable(persona.path)}: {persona.name!r}, {n} topic{'s' if n != 1 else ''}; at --samples {r.samples:,} "
+        f"and --eval-fraction {r.eval_fraction}: {r.n_train:,} train + {r.n_eval:,} held-out conversations",
         f"  distinct conversations             {_amount(r.conversations, r.exact):>14}   {how}",
         f"  distinct replies                   {_amount(r.replies, r.replies_exact):>14}",
         f"  unique replies, expected           {_pct(r.unique_replies):>14}   aim: {UNIQUE_REPLY_AIM:.0%} or more",
@@ -393,11 +414,11 @@ def _headline(r: Report, persona) -> list[str]:
 
 
 def _table(r: Report) -> list[str]:
-    width = max(12, *(len(t.name) for t in r.topics))
+    width = max(12, *(len(printable(t.name)) for t in r.topics))
     rows = [f"  {'topic':<{width}}  {'weight':>6}  {'samples':>8}  {'inputs':>13}  {'outputs':>13}  "
             f"{'conversations':>15}  {'unique replies':>14}"]
     for t in r.topics:
-        rows.append(f"  {t.name:<{width}}  {t.weight:>6g}  {r.samples * t.share:>8,.0f}  "
+        rows.append(f"  {printable(t.name):<{width}}  {t.weight:>6g}  {r.samples * t.share:>8,.0f}  "
                     f"{_amount(t.inputs.distinct, t.inputs.exact):>13}  "
                     f"{_amount(t.outputs.distinct, t.outputs.exact):>13}  "
                     f"{_amount(t.conversations, t.inputs.exact and t.outputs.exact):>15}  "

@@ -871,3 +871,260 @@ def test_runstate_says_none_or_how_far_whatever_the_folder_holds(run, tmp_path):
         os.chmod(locked, 0o755)
     assert (r.returncode, r.stdout, r.stderr) == (0, "none\n", ""), r
     assert_one_line(runstate(), 2, prefix="usage: python -m guppy.runstate RUN")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 21: --out that is another kind of guppy folder, and two prepares into one folder
+# --------------------------------------------------------------------------------------------------------------------
+def fake_export(folder, *names):
+    """A folder holding what `guppy export` writes (only the names matter here), with a tokenizer to lose."""
+    os.makedirs(folder)
+    for name in ("tokenizer.json", "config.json", *names):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(f"{name} of an export\n")
+    return str(folder)
+
+
+def test_train_out_a_prepared_dataset_is_refused_and_its_tokenizer_kept(data, other_data, tmp_path):
+    """Training into a data folder overwrote its tokenizer.json with another dataset's: its token arrays then no
+    longer matched it, and a later `train --data` on it did not notice."""
+    d = str(shutil.copytree(data, tmp_path / "d"))
+    names = sorted(os.listdir(d))
+    for source in (other_data, d):
+        refused(["train", "--data", source, "--out", d, "--preset", "tiny", "--max-steps", "1", "--quiet"], [d],
+                f"{d}: holds a prepared dataset (meta.json", "choose another --out")
+    assert sorted(os.listdir(d)) == names  # no checkpoints/, no lock file: nothing was created there
+    assert sha256(os.path.join(d, "tokenizer.json")) == sha256(os.path.join(data, "tokenizer.json"))
+
+
+@pytest.mark.parametrize("marker", ["model.onnx", ".guppy-export.json"])
+def test_train_out_an_export_folder_is_refused(data, tmp_path, marker):
+    exp = fake_export(tmp_path / "exp", marker, *(["index.html"] if marker == "model.onnx" else []))
+    names = sorted(os.listdir(exp))
+    refused(["train", "--data", data, "--out", exp, "--preset", "tiny", "--max-steps", "1", "--quiet"], [exp],
+            f"{exp}: holds an export ({marker}", "choose another --out")
+    assert sorted(os.listdir(exp)) == names
+
+
+def test_prepare_out_a_run_folder_is_refused_even_with_force(run, tmp_path):
+    """prepare --force into a run replaced the run's tokenizer.json: its checkpoints then met other token ids."""
+    r = copy_run(run, tmp_path / "r")
+    for force in ([], ["--force"]):
+        refused(["prepare", "--out", r, "--samples", "200", *force], [r], f"{r}: holds a training run (checkpoints",
+                "choose another --out")
+    assert not os.path.exists(os.path.join(r, "meta.json"))
+
+
+def test_prepare_out_an_export_folder_is_refused_even_with_force(tmp_path):
+    exp = fake_export(tmp_path / "exp", "model.onnx", "index.html")
+    refused(["prepare", "--out", exp, "--samples", "200", "--force"], [exp], f"{exp}: holds an export (model.onnx",
+            "choose another --out")
+    assert sorted(os.listdir(exp)) == ["config.json", "index.html", "model.onnx", "tokenizer.json"]
+
+
+def test_a_second_prepare_into_a_busy_folder_is_refused(tmp_path):
+    """Two prepares into one folder at once both exited 0, and one dataset silently replaced the other."""
+    out = tmp_path / "d"
+    first = subprocess.Popen([sys.executable, "-m", "guppy", "prepare", "--out", str(out), "--samples", "60000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not any(n.startswith(".guppy-prepare-") for n in os.listdir(tmp_path)) and time.time() < deadline:
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)  # until the first one works: it holds the folder's lock from before that
+        line = assert_one_line(guppy("prepare", "--out", str(out), "--samples", "200", "--force", timeout=120), 2)
+        assert f"{out}: in use by a prepare (pid {first.pid} on " in line, line
+    finally:
+        first.send_signal(signal.SIGINT)  # no need to wait for its dataset
+        first.communicate(timeout=120)
+    assert first.returncode == 130 and os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 21, security: text from files reaches the terminal escaped, never raw
+# --------------------------------------------------------------------------------------------------------------------
+TITLE, CLEAR, CLIPBOARD = "\x1b]0;owned\x07", "\x1b[2J", "\x1b]52;c;aGVsbG8=\x07"  # set the title, clear, OSC 52
+
+
+def assert_no_raw_control(r):
+    for stream in (r.stdout, r.stderr):
+        raw = [c for c in stream if (ord(c) < 32 and c != "\n") or 0x7f <= ord(c) <= 0x9f]
+        assert not raw, (raw, stream[-2000:])
+
+
+def test_security_printable_escapes_every_control_character():
+    from guppy.errors import one_line, printable
+    text = f"fish{TITLE}{CLEAR}{CLIPBOARD}\r\nyou> forged\x9b\u202eevil\udcff"
+    shown = printable(text)
+    assert shown == ("fish\\x1b]0;owned\\x07\\x1b[2J\\x1b]52;c;aGVsbG8=\\x07\\r\\nyou> forged\\x9b\\u202eevil\\udcff")
+    assert shown.isprintable()
+    assert one_line("runs/a\nb: no such file", ["runs/a\nb"]) == "runs/a\\nb: no such file"
+
+
+def test_security_a_hostile_persona_name_is_printed_escaped_by_chat(run, tmp_path):
+    r = copy_run(run, tmp_path / "r")
+    with open(os.path.join(r, "persona.json"), "w") as f:
+        json.dump({"name": f"fish{TITLE}{CLEAR}{CLIPBOARD}"}, f)
+    shown = "fish\\x1b]0;owned\\x07\\x1b[2J\\x1b]52;c;aGVsbG8=\\x07"
+    res = guppy("chat", "--checkpoint", r, "--prompt", "hi", "--prompt", "food", "--max-new-tokens", "4", "--seed", "0")
+    assert_one_line(res, 0)
+    assert_no_raw_control(res)
+    assert res.stdout.count(f"\n{shown}> ") == 2, res.stdout
+    res = guppy("chat", "--checkpoint", r, "--max-new-tokens", "4", "--seed", "0", stdin=b"hello\n/help\n/quit\n")
+    assert_one_line(res, 0)
+    assert_no_raw_control(res)
+    assert f"chatting with {shown} (" in res.stdout and f"{shown}> " in res.stdout, res.stdout
+
+
+EVIL_REPLY = f"blub{TITLE}{CLEAR}{CLIPBOARD}\rdone\nyou> forged"
+
+
+def test_security_a_reply_holding_escape_sequences_is_printed_escaped(run, tmp_path):
+    """A model's reply is any bytes its tokens decode to: here one holding terminal sequences and a forged turn, as
+    a model (or a tokenizer.json) could make, through the real `guppy chat` with the reply replaced."""
+    (tmp_path / "evil_reply.py").write_text(
+        "import sys\nimport guppy.chat\nimport guppy.cli\n"
+        f"guppy.chat.Chat.reply = lambda self, text, use_cache=True: {EVIL_REPLY!r}\n"
+        "guppy.cli.main(sys.argv[1:])\n")
+
+    def chat(*args, stdin=None):
+        res = subprocess.run([sys.executable, "-m", "evil_reply", "chat", "--checkpoint", run, *args], cwd=tmp_path,
+                             input=stdin, capture_output=True, timeout=600)
+        res = subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(errors="replace"),
+                                          res.stderr.decode(errors="replace"))
+        assert_one_line(res, 0)
+        assert_no_raw_control(res)
+        assert "blub\\x1b]0;owned\\x07\\x1b[2J\\x1b]52;c;aGVsbG8=\\x07\\rdone\\nyou> forged" in res.stdout, res.stdout
+        assert not any(line.startswith("you> forged") for line in res.stdout.splitlines()), res.stdout
+        return res
+
+    chat("--prompt", "hi")                      # the reply alone
+    chat("--prompt", "hi", "--prompt", "yo")    # you> / guppy> turns
+    chat(stdin=b"hi\n/quit\n")                  # the REPL
+
+
+def test_security_eval_prints_hostile_topic_names_escaped(run, data, tmp_path):
+    d = str(shutil.copytree(data, tmp_path / "d"))
+    topic = f"food{TITLE}{CLEAR}"
+    rows = [json.loads(line) for line in open(os.path.join(d, "eval.jsonl"))]
+    with open(os.path.join(d, "eval.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps({**row, "category": topic}) + "\n")
+    edit_json(os.path.join(d, "meta.json"), lambda m: {**m, "category_keywords": {topic: ["zzzz-never-said"]}})
+    res = guppy("eval", "--checkpoint", run, "--data", d)
+    assert_one_line(res, 0)
+    assert_no_raw_control(res)
+    assert "food\\x1b]0;owned\\x07\\x1b[2J 0/2" in res.stdout and "[food\\x1b]0;owned" in res.stdout, res.stdout
+
+
+def test_a_newline_in_a_path_gives_one_stderr_line(tmp_path):
+    path = str(tmp_path / "my\npersona.toml")
+    r = subprocess.run([sys.executable, "-m", "guppy.persona", path], capture_output=True, text=True, timeout=300)
+    assert_one_line(r, 2, f"{tmp_path}/my\\npersona.toml: cannot read file", prefix="python -m guppy.persona: error: ")
+    refused(["prepare", "--out", str(tmp_path / "d"), "--persona", path], [str(tmp_path)],
+            f"{tmp_path}/my\\npersona.toml: cannot read file")
+    refused(["prepare", "--out", str(tmp_path / "d"), "--from-jsonl", str(tmp_path / "in\n.jsonl")],
+            [str(tmp_path)], f"{tmp_path}/in\\n.jsonl: no such file")
+    assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 21: persona limits, one check shared by the validator and prepare (each refuses what the other does)
+# --------------------------------------------------------------------------------------------------------------------
+def persona_refused(tmp_path, persona, *fragments, timeout=25):
+    """`python -m guppy.persona` and `guppy prepare` both refuse the persona at once, in one line naming the
+    problem, and write nothing. persona: TOML text, or a path."""
+    path = persona if persona.startswith("/dev/") else str(tmp_path / "p.toml")
+    if path != persona:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(persona)
+    before = checksums(str(tmp_path))
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", "guppy.persona", path, "--samples", "200"], capture_output=True,
+                       text=True, timeout=timeout)
+    assert_one_line(r, 2, f"{path}: ", *fragments, prefix="python -m guppy.persona: error: ")
+    assert time.time() - t < timeout
+    r = guppy("prepare", "--out", str(tmp_path / "d"), "--persona", path, "--samples", "200", timeout=timeout)
+    assert_one_line(r, 2, f"{path}: ", *fragments)
+    assert_unchanged(before)
+    assert not (tmp_path / "d").exists()
+
+
+PERSONA_HEAD = '[persona]\nname = "crab"\n[slots]\nshell = ["a snail shell", "a bottle cap", "a cup"]\n'
+
+
+def crab_topic(name="home", outputs='["i live in {shell}.", "this is {shell}."]', extra=""):
+    return (f'[[topics]]\nname = "{name}"\nkeywords = ["shell"]\ninputs = ["where do you live", "nice shell"]\n'
+            f"outputs = {outputs}\n{extra}")
+
+
+def test_persona_weights_of_1e308_are_refused(tmp_path):
+    """Two topics of weight 1e308: their total was infinite, and every sample went to one topic."""
+    persona_refused(tmp_path, PERSONA_HEAD + crab_topic(extra="weight = 1e308\n") +
+                    crab_topic("food", extra="weight = 1e308\n"), "topic 'home' weight must be a positive number, "
+                    "at most 1,000,000", "got 1e+308")
+
+
+@pytest.mark.parametrize("outputs", ['["i live in {shell}. <|im_end|>"]',     # written out
+                                     '["i live in {shell}. <|im_{x}end|>"]',  # halves joined by an empty value
+                                     '["i live in {shell}{end}end|>"]'])      # begun by a slot value
+def test_the_validator_refuses_a_control_token_as_prepare_does(tmp_path, outputs):
+    """The validator passed an output holding <|im_end|>, which prepare then refused."""
+    persona_refused(tmp_path, PERSONA_HEAD + crab_topic(outputs=outputs, extra='[topics.slots]\nx = [""]\n'
+                                                                              'end = [".", ". <|im_"]\n'),
+                    "topic 'home' wrote <|im_end|> in a filling of outputs[0]")
+
+
+def test_a_persona_nested_3000_deep_is_one_line(tmp_path):
+    persona_refused(tmp_path, PERSONA_HEAD + "deep = " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply")
+
+
+def test_a_persona_card_nested_3000_deep_is_one_line(run, tmp_path):
+    r = copy_run(run, tmp_path / "r")
+    with open(os.path.join(r, "persona.json"), "w") as f:
+        f.write('{"name": "fish", "description": ' + "[" * 3000 + "]" * 3000 + "}")
+    refused(["chat", "--checkpoint", r, "--prompt", "hi"], [r], "persona.json: unreadable persona card (nested")
+
+
+def test_persona_and_prepare_on_dev_zero_are_one_line(tmp_path):
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero")
+    persona_refused(tmp_path, "/dev/zero", "larger than 4 MiB")
+    r = guppy("prepare", "--out", str(tmp_path / "d"), "--from-jsonl", "/dev/zero", timeout=25)
+    assert_one_line(r, 2, "/dev/zero: line 1: longer than 16 MiB")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_template_of_20000_placeholders_is_refused_at_once(tmp_path):
+    """A 60 kB output of 20,000 placeholders: the validator ran past 30 s."""
+    persona_refused(tmp_path, PERSONA_HEAD + crab_topic(outputs='["' + "{shell}" * 20_000 + '"]'),
+                    "topic 'home' outputs[0]", "is 140,000 characters long; the limit is 1,000")
+    persona_refused(tmp_path, PERSONA_HEAD + crab_topic(outputs='["' + "{shell} " * 21 + '"]'),  # short, but many
+                    "topic 'home' outputs[0]", "has more than 20 placeholders")
+
+
+def test_a_template_holding_a_million_character_word_is_refused_at_once(tmp_path):
+    """`prepare --samples 200` was still running at 240 s: BPE training is quadratic in the length of a word."""
+    persona_refused(tmp_path, PERSONA_HEAD + crab_topic(outputs='["i live in ' + "a" * 1_000_000 + '."]'),
+                    "topic 'home' outputs[0]", "is 1,000,011 characters long; the limit is 1,000")
+    value = "b" * 900  # short texts, a long conversation: 12 of them filled into one reply
+    persona_refused(tmp_path, PERSONA_HEAD.replace('"a cup"', f'"{value}"') +
+                    crab_topic(outputs='["' + "{shell} " * 12 + '"]'), "topic 'home' can write a conversation of",
+                    "the limit is 10,000")
+
+
+def test_a_persona_saved_with_a_bom_is_read(tmp_path):
+    """Windows Notepad saves UTF-8 with a byte-order mark: it is not "invalid TOML" at column 1."""
+    crab = tmp_path / "crab.toml"
+    crab.write_bytes(b"\xef\xbb\xbf" + SMALL_CRAB.encode())
+    r = subprocess.run([sys.executable, "-m", "guppy.persona", str(crab), "--samples", "200"], capture_output=True,
+                       text=True, timeout=300)
+    assert_one_line(r, 0)
+    assert f"{crab}: 'crab', 1 topic" in r.stdout, r.stdout
+
+
+def test_the_persona_validator_help_is_its_usage(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "guppy.persona", "--help"], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert_one_line(r, 0)
+    assert r.stdout.startswith("usage: python -m guppy.persona") and "--starter" in r.stdout, r.stdout

@@ -469,3 +469,69 @@ def test_the_command_copies_a_starter_and_reports_on_it(tmp_path):
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert dest.read_bytes() == open(default_persona_path("crab"), "rb").read()
     assert f"wrote {dest}" in r.stdout and "distinct conversations" in r.stdout and "warning" not in r.stdout
+
+
+# ---------------------------------------------------------------- issue 21: limits, shared with prepare
+
+def test_the_limits_are_prepares_own():
+    """persona.py cannot import guppy.data (data imports it): the copies it keeps must equal data's."""
+    from guppy import data, persona
+    assert list(persona.CONTROL_TOKENS) == data.SPECIAL_TOKENS
+    assert persona.MAX_CONVERSATION_CHARS == data.MAX_CONVERSATION_CHARS
+
+
+SLOTS = '[slots]\nfood = ["flakes", "a worm"]\n'
+
+
+@pytest.mark.parametrize("text, problem", [
+    (HEAD.replace('"t"', '"t\\u001b]0;title\\u0007"') + GOOD_TOPIC, "[persona] name 't\\x1b]0;title\\x07' holds the "
+                                                                     "control character '\\x1b'"),
+    (HEAD + GOOD_TOPIC.replace('outputs = ["food"]', 'outputs = ["food \\u009b2J"]'),
+     "topic 'food' outputs[0] 'food \\x9b2J' holds the control character '\\x9b'"),
+    (HEAD + GOOD_TOPIC.replace('name = "food"', 'name = "fo\\nod"'), "name 'fo\\nod' holds the control character"),
+    (HEAD + GOOD_TOPIC.replace('name = "food"', 'name = "food"\nweight = 1e6001'), "weight must be a positive"),
+    (HEAD + GOOD_TOPIC.replace('name = "food"', 'name = "food"\nweight = 1000001'), "at most 1,000,000"),
+    (HEAD.replace('"t"', '"t"\nlowercase = true') + GOOD_TOPIC.replace('inputs = ["hi"]', 'inputs = ["hi <PAD>"]'),
+     "topic 'food' wrote <pad> in a filling of inputs[0]"),
+    (HEAD + '[slots]\nstart = ["<|im_st"]\nfood = ["{start}art|>", "flakes"]\n' +
+     GOOD_TOPIC.replace('outputs = ["food"]', 'outputs = ["{food}"]'), "wrote <|im_start|> in a filling of outputs"),
+    (HEAD + SLOTS + GOOD_TOPIC.replace('outputs = ["food"]', 'outputs = ["' + "{food} " * 21 + '"]'),
+     "has more than 20 placeholders"),
+    (HEAD + SLOTS + 'deep = ' + "[" * 9 + '"x"' + "]" * 9 + "\n" + GOOD_TOPIC, "nested more than 8 levels deep"),
+    (HEAD + SLOTS + 'deep = ' + "[" * 3000 + "]" * 3000 + "\n" + GOOD_TOPIC, "nested too deeply"),
+])
+def test_limits_and_text_rules(tmp_path, text, problem):
+    with pytest.raises(PersonaError) as info:
+        load_persona(write(tmp_path, text))
+    msg = str(info.value)
+    assert problem in msg and "\n" not in msg and msg.isprintable(), msg
+
+
+def test_what_the_limits_allow(tmp_path):
+    """A tab or a line break in a template is whitespace (collapsed); "<PAD>" in an output is text; 20 placeholders
+    and a weight of 1,000,000 are allowed."""
+    text = (HEAD + SLOTS + GOOD_TOPIC.replace('outputs = ["food"]', 'outputs = ["food\\tnow\\n{food}", "<PAD>", "'
+                                              + "{food} " * 20 + '"]').replace('name = "food"',
+                                                                                'name = "food"\nweight = 1e6'))
+    p = load_persona(write(tmp_path, text))
+    rng = random.Random(0)
+    outs = {sample_conversation(p, rng)["output"] for _ in range(50)}
+    assert "food now flakes" in outs and "<PAD>" in outs
+
+
+def test_the_report_stays_fast_on_uneven_slots(tmp_path):
+    """20 placeholders whose slots list their values unevenly: the histograms' bins are bounded (persona_report's
+    _coarsen); 50 took minutes without it. The shipped fish never reaches the bounds, so its figures are exact."""
+    import time
+
+    from guppy import persona_report as pr
+    slots = "\n".join(f's{i} = [' + ", ".join(['"a"'] * (i + 1) + [f'"v{j}"' for j in range(i % 7 + 2)]) + "]"
+                      for i in range(20))
+    template = " ".join(f"{{s{i}}}" for i in range(20))
+    p = load_persona(write(tmp_path, f'{HEAD}[slots]\n{slots}\n[[topics]]\nname = "t"\nkeywords = ["k"]\n'
+                                     f'inputs = ["{template}", "hi"]\noutputs = ["{template}", "hey"]\n'))
+    t = time.time()
+    r = pr.persona_report(p, 60_000, 0.05)
+    assert time.time() - t < 10 and 0 <= r.unique_replies <= 1 and 0 <= r.held_out_seen <= 1
+    fish = pr._topics(load_persona(), 60_000)
+    assert max(max(len(t.inputs.hist), len(t.outputs.hist)) for t in fish) < pr.SIDE_BINS
