@@ -32,9 +32,11 @@ setup(
     extras_require={
         # numpy<2.4: Triton < 3.7's interpreter (3.6 is Colab's) fails under NumPy >= 2.4; fixed in Triton 3.7.0
         "test": ["pytest", "pytest-benchmark", "triton", "matplotlib", "onnx", "onnxscript", "onnxruntime",
-                 "numpy<2.4"],
+                 "numpy<2.4", "transformers>=4.45,<6", "pytest-xdist"],
         # guppy export and the ONNX chat (torch.onnx's exporter needs onnxscript)
         "export": ["onnx", "onnxscript", "onnxruntime"],
+        # guppy export --format hf (a transformers GPT-2 folder); tests/test_hf.py passes on 4.45.2, 4.57.6, 5.24.0
+        "hf": ["transformers>=4.45,<6"],
         "bench": ["pytest-benchmark", "triton", "matplotlib", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": ["guppy=guppy.cli:main"]},

@@ -370,7 +370,9 @@ def check_weights(model, sd: dict, where: str):
 
 
 def load_model(path: str, device="cpu", ops: str | None = None, prefer: str = "best"):
-    """-> (GuppyLM, checkpoint folder or file). Reads guppy checkpoints and original GuppyLM .pt files."""
+    """-> (GuppyLM, checkpoint folder or file). Reads guppy checkpoints, original GuppyLM .pt files, and the
+    transformers folders of `guppy export --format hf` (guppy/hf.py)."""
+    from . import hf
     from .model import GuppyLM
     from .ops import names as ops_names
 
@@ -378,6 +380,11 @@ def load_model(path: str, device="cpu", ops: str | None = None, prefer: str = "b
     if os.path.isfile(ckpt):
         model_cfg, sd = _read_guppylm_pt(ckpt)
         where = ckpt
+    elif hf.is_hf_folder(ckpt):  # config.json names a model_type: GPT-2's tensor names, mapped back
+        model_cfg = hf.model_config(ckpt, _read_json(os.path.join(ckpt, "config.json"), "transformers config"))
+        where = os.path.join(ckpt, "model.safetensors")
+        sd = hf.from_gpt2(_load_tensors(where), model_cfg, where)
+        sd[TIED] = sd["tok_emb.weight"]
     else:
         cfg_path, where = os.path.join(ckpt, "config.json"), os.path.join(ckpt, "model.safetensors")
         for p in (cfg_path, where):

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 
-from .errors import GuppyError, exit_interrupted, one_line, os_error_line
+from .errors import GuppyError, exit_interrupted, one_line, os_error_line, printable
 
 # TrainConfig fields that `guppy train` sets from an option of the same name
 TRAIN_OPTIONS = ("max_steps", "batch_size", "lr", "batch_mode", "loss_on", "eval_every", "save_every", "log_every",
@@ -99,7 +99,9 @@ def cmd_chat(a):
             if truncated:
                 print(f"(note: prompt truncated to its last {chat.max_prompt} tokens)", file=sys.stderr)
             reply = chat.reply(text) or NO_REPLY
-            print(f"you> {text}\n{chat.persona['name']}> {reply}" if len(a.prompt) > 1 else reply)
+            # the reply and the name come from files (a model, persona.json): escaped, never raw (errors.printable)
+            name, reply = printable(chat.persona['name']), printable(reply)
+            print(f"you> {printable(text)}\n{name}> {reply}" if len(a.prompt) > 1 else reply)
     else:
         chat.repl()
 
@@ -123,13 +125,14 @@ def cmd_eval(a):
         missed = sorted((t for t in topics.values() if t["hits"] < t["prompts"]),
                         key=lambda t: (t["hits"] / t["prompts"], t["name"]))
         if missed:
-            listed = ", ".join(f"{t['name']} {t['hits']}/{t['prompts']}" for t in missed[:EVAL_TOPICS_SHOWN])
+            listed = ", ".join(f"{printable(t['name'])} {t['hits']}/{t['prompts']}"
+                               for t in missed[:EVAL_TOPICS_SHOWN])
             more = f", and {len(missed) - EVAL_TOPICS_SHOWN} more" if len(missed) > EVAL_TOPICS_SHOWN else ""
             print(f"topics that missed ({len(missed)} of {len(topics)}; hits/prompts): {listed}{more}")
         else:
             print("every topic's prompts got a reply with one of its keywords")
         for s in (r["misses"] or r["samples"])[:5]:  # what a miss looks like (else a few hits)
-            print(f"  [{s['category']}] {s['prompt']!r} -> {s['reply']!r}")
+            print(f"  [{printable(s['category'])}] {s['prompt']!r} -> {s['reply']!r}")  # repr escapes too
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=2)
@@ -149,12 +152,12 @@ def _say_if_unfinished(path: str, loaded: str, doing: str):
 def cmd_export(a):
     from .export import export
     export(a.checkpoint, a.out, quantize=a.quantize, data_dir=a.data, runtime_dir=a.runtime_dir,
-           persona_path=a.persona, force=a.force, license=a.license)
+           persona_path=a.persona, force=a.force, license=a.license, format=a.format)
 
 
 def cmd_serve(a):
     from .serve import serve
-    serve(a.dir, a.port)
+    serve(a.dir, a.port, a.host)
 
 
 def _port(text: str) -> int:
@@ -246,7 +249,8 @@ def build_parser():
     s.add_argument("--persona", help="persona TOML file (default: the shipped fish)")
     s.add_argument("--seed", type=non_negative_int, default=1337)
     s.add_argument("--eval-fraction", type=fraction, default=0.05)
-    s.add_argument("--from-jsonl", help="use an existing {input, output, category} .jsonl dataset instead")
+    s.add_argument("--from-jsonl", help="use an existing .jsonl dataset instead: {input, output, category} rows, "
+                                        "ChatML {text, category} rows, or {messages: [{role, content}, ...]} rows")
     s.add_argument("--vocab-size", type=positive_int, default=4096)
     s.add_argument("--force", action="store_true", help="replace a dataset already in --out")
     s.set_defaults(func=cmd_prepare)
@@ -278,8 +282,9 @@ def build_parser():
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("chat", help="talk to a trained guppy (REPL, or one shot with --prompt)")
-    s.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder, GuppyLM .pt file, or an "
-                                                        "export folder / .onnx file (runs on onnxruntime)")
+    s.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder, GuppyLM .pt file, an "
+                                                        "export folder / .onnx file (runs on onnxruntime), or a "
+                                                        "transformers folder (guppy export --format hf)")
     s.add_argument("--prompt", action="append", help="answer this and exit (repeatable)")
     s.add_argument("--tokenizer", help="tokenizer.json (default: found beside the checkpoint)")
     s.add_argument("--device", default="cpu")
@@ -301,6 +306,9 @@ def build_parser():
                                       "browser chat page, in one folder")
     s.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder, or GuppyLM .pt file")
     s.add_argument("--out", required=True, help="folder to write (new or empty; --force replaces an export)")
+    s.add_argument("--format", choices=["onnx", "hf"], default="onnx",
+                   help="onnx (default): the ONNX model and the browser page; hf: a transformers GPT-2 folder "
+                        "(AutoModelForCausalLM.from_pretrained; pip install 'guppy[hf]')")
     s.add_argument("--quantize", choices=["none", "uint8"], default="none",
                    help="uint8: onnxruntime dynamic quantization of the weights (~4x smaller)")
     s.add_argument("--data", help="prepared data folder: also report the held-out loss of PyTorch and each ONNX file")
@@ -310,12 +318,16 @@ def build_parser():
     s.add_argument("--license", default="mit", help="the model card's license (a Hugging Face id: mit, apache-2.0, "
                                                     "cc-by-4.0, ...)")
     s.add_argument("--persona", help="persona TOML for persona.json (default: the run's own persona.json)")
-    s.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+    s.add_argument("--force", action="store_true", help="replace the files of an earlier export in --out (the "
+                                                        "folder's other files are kept)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="serve an export folder's chat page on 127.0.0.1")
-    s.add_argument("dir", help="the folder `guppy export` wrote")
+    s.add_argument("dir", help="the folder `guppy export` wrote (or its model.onnx)")
     s.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 lets everyone on the "
+                        "network read the folder)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("info", help="versions, device, and which op implementations are available")
@@ -358,10 +370,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         exit_interrupted(command)
     except GuppyError as e:
-        print(f"{command}: error: {one_line(e)}", file=sys.stderr)
+        print(f"{command}: error: {one_line(e, argv)}", file=sys.stderr)  # a newline in a path reads \n
         sys.exit(2)
     except OSError as e:  # a path the user gave: missing, unreadable, unwritable, a full or read-only disk
-        print(f"{command}: error: {one_line(os_error_line(e))}", file=sys.stderr)
+        print(f"{command}: error: {one_line(os_error_line(e), argv)}", file=sys.stderr)
         sys.exit(2)
 
 

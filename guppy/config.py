@@ -11,6 +11,12 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
+# Upper bounds of a model's shape: far above any model guppy is for (guppy-9m: vocab 4096, context 128, d_model 384,
+# 6 layers, 6 heads, FFN 768), far below what would exhaust memory before a weight is read.
+MODEL_LIMITS = {"vocab_size": 1 << 20, "max_seq_len": 1 << 20, "d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024,
+                "ffn_hidden": 1 << 20}
+MAX_PARAMS = 4e9  # 16 GB of fp32 weights
+
 
 @dataclass
 class ModelConfig:
@@ -31,6 +37,15 @@ class ModelConfig:
                positive=("layer_norm_eps",), fractions=("dropout",), strings=("ops",))
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        for name, most in MODEL_LIMITS.items():  # before any tensor is made: a config.json claiming a vocab of 2e9
+            if getattr(self, name) > most:      # or 1e7 layers is this line, not a MemoryError minutes later
+                raise ConfigError(f"{name}={getattr(self, name)}: must be at most {most:,}")
+        d, f = self.d_model, self.ffn_hidden
+        params = (self.vocab_size + self.max_seq_len) * d + self.n_layers * (4 * d * d + 2 * d * f)
+        if params > MAX_PARAMS:
+            raise ConfigError(f"vocab_size={self.vocab_size}, max_seq_len={self.max_seq_len}, d_model={d}, "
+                              f"n_layers={self.n_layers}, ffn_hidden={f}: about {params:.2g} parameters, more than "
+                              f"guppy builds ({MAX_PARAMS:.0g})")
 
     @property
     def head_dim(self) -> int:

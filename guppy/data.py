@@ -1,17 +1,29 @@
 """Data: the persona dataset on disk, the ChatML tokenizer, token arrays, and the two ways of batching them.
 
 `prepare()` writes, into one folder:
-    train.jsonl, eval.jsonl     GuppyLM's dataset format: {"input", "output", "category"} per line
+    train.jsonl, eval.jsonl     GuppyLM's dataset format: {"input", "output", "category"} per line (a multi-turn
+                                conversation as {"messages", "category"})
     tokenizer.json              byte-level BPE (HF tokenizers), <pad>=0 <|im_start|>=1 <|im_end|>=2
     persona.json                the character's name, description, lowercase option, sample prompts (not --from-jsonl)
     {split}.tokens.npy          every conversation's token ids, concatenated (uint16)
     {split}.offsets.npy         conversation c is tokens[offsets[c]:offsets[c+1]] (int64)
-    {split}.prompt_len.npy      how many of its tokens are the user turn (for assistant-only loss)
+    {split}.prompt_len.npy      how many of its tokens are the prompt: the user turn, after any earlier turns
+                                (for assistant-only loss)
     meta.json                   counts, unique-reply fraction, per-category keywords, seed
 Training reads only the arrays: it never re-tokenizes.
 
 A conversation is `<|im_start|>user\\n{input}<|im_end|>\\n<|im_start|>assistant\\n{output}<|im_end|>`; the model learns
-to predict each next token. Batches come in two modes:
+to predict each next token. `prepare --from-jsonl` reads a dataset in any of three formats, one per line:
+    {"input", "output", "category"}           GuppyLM's, and what prepare writes
+    {"text": "<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n...<|im_end|>", "category"}
+                                              ChatML text (GuppyLM's data/train.jsonl)
+    {"messages": [{"role", "content"}, ...]}  OpenAI / Hugging Face chat fine-tuning (GuppyLM's train_openai.jsonl)
+A ChatML text or a message list is one conversation: at most one leading system message, then user and assistant
+turns in turn, ending with the assistant's reply. The turns before the last user message (a system message
+included) are kept as ChatML turns in front of it, `<|im_start|>{role}\\n{content}<|im_end|>\\n` each, the layout of the
+transformers chat template of `guppy export --format hf`; with --loss-on assistant, all of that and the
+last user turn are the prompt and only the final reply carries loss (a conversation has one prompt length).
+Batches come in two modes:
     pad     GuppyLM's: a batch of conversations padded to its longest; pads carry no loss.
     packed  fixed (B, max_seq_len) rows filled with whole conversations. Segment ids keep conversations from attending
             to each other, positions restart at 0 for each one, and only real tokens carry loss. No padding waste.
@@ -21,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -30,6 +43,7 @@ import numpy as np
 import torch
 
 from .errors import GuppyError, one_line
+from .runlock import RunLock, refuse_foreign
 
 PAD, IM_START, IM_END = "<pad>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END]
@@ -42,11 +56,14 @@ ARRAY_FILES = tuple(f"{split}.{kind}.npy" for split in ("train", "eval")
 # training anyway. The bound keeps one pasted blob from stalling prepare: BPE training is quadratic in the length of
 # a word, and a 5 MB one-word line had not finished after 150 s.
 MAX_CONVERSATION_CHARS = 10_000
+MAX_LINE_BYTES = 16 << 20  # a .jsonl line read at most: far above any conversation within the bound (/dev/zero ends)
 
 
-def prompt_text(user: str) -> str:
-    """The user turn and the opening of the assistant turn: what the model sees before it answers."""
-    return f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
+def prompt_text(user: str, context=()) -> str:
+    """The user turn and the opening of the assistant turn: what the model sees before it answers. `context`: the
+    earlier turns of a multi-turn conversation ({"role", "content"} dicts), written before it."""
+    earlier = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in context)
+    return f"{earlier}{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
 
 
 def reply_text(assistant: str) -> str:
@@ -72,7 +89,10 @@ def read_jsonl(path: str) -> list[dict]:
     except FileNotFoundError:
         raise GuppyError(f"{path}: no such file") from None
     with f:
-        for n, raw in enumerate(f, 1):
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+            if len(raw) > MAX_LINE_BYTES:  # read no further: a file with no line ends (/dev/zero) is not a dataset
+                raise GuppyError(f"{path}: line {n}: longer than {MAX_LINE_BYTES >> 20} MiB; a conversation may hold "
+                                 f"{MAX_CONVERSATION_CHARS:,} characters")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -83,27 +103,83 @@ def read_jsonl(path: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise GuppyError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("input"), str) \
-                    or not isinstance(row.get("output"), str):
-                raise GuppyError(f"{path}: line {n}: expected an object with string fields \"input\" and \"output\"")
-            found = control_token_in(row)
-            if found:
-                raise GuppyError(f"{path}: line {n}: \"{found[0]}\" contains {found[1]}, one of guppy's control "
-                                 "tokens, which only the chat template may place; remove it from the text")
-            length = len(row["input"]) + len(row["output"])
+            try:
+                row = conversation_row(row)
+            except ValueError as e:
+                raise GuppyError(f"{path}: line {n}: {e}") from None
+            length = len(row["input"]) + len(row["output"]) + sum(len(m["content"]) for m in row.get("context", ()))
             if length > MAX_CONVERSATION_CHARS:
                 raise GuppyError(f"{path}: line {n}: a conversation of {length:,} characters; the limit is "
                                  f"{MAX_CONVERSATION_CHARS:,} (a model sees a few hundred)")
-            rows.append({"input": row["input"], "output": row["output"],
-                         "category": str(row.get("category", "unknown"))})
+            rows.append(row)
     if not rows:
         raise GuppyError(f"{path}: no conversations in it")
     return rows
 
 
+JSONL_FORMATS = ('{"input", "output", "category"}, {"text": "<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant'
+                 '\\n...<|im_end|>"} (ChatML) or {"messages": [{"role", "content"}, ...]}')
+# a turn: its role, then content up to the first control token of the turn markers, which must be its <|im_end|>
+_TURN = re.compile(r"<\|im_start\|>([^\n]*)\n((?:(?!<\|im_(?:start|end)\|>).)*)<\|im_end\|>(\n|$)", re.S)
+
+
+def chatml_messages(text: str) -> list[dict]:
+    """The turns of a ChatML conversation (`<|im_start|>{role}\\n{content}<|im_end|>`, a newline between turns;
+    trailing whitespace allowed) as {"role", "content"} dicts. ValueError when the text is not that."""
+    text, messages, pos = text.rstrip(), [], 0
+    while pos < len(text):
+        m = _TURN.match(text, pos)
+        if not m:
+            raise ValueError('"text" is not a ChatML conversation (<|im_start|>user\\n...<|im_end|>\\n<|im_start|>'
+                             f"assistant\\n...<|im_end|>): it breaks off at character {pos + 1}")
+        messages.append({"role": m[1], "content": m[2]})
+        pos = m.end()
+    return messages
+
+
+def conversation_row(obj) -> dict:
+    """One dataset line, in any of the three formats, as a row {"input", "output", "category"}; a multi-turn
+    conversation's earlier turns go in "context" ({"role", "content"} dicts). ValueError: why it is none of them."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, one of: {JSONL_FORMATS}")
+    category = str(obj.get("category", "unknown"))
+    if isinstance(obj.get("input"), str) and isinstance(obj.get("output"), str):
+        found = control_token_in(obj)
+        if found:
+            raise ValueError(f"\"{found[0]}\" contains {found[1]}, one of guppy's control tokens, which only the chat "
+                             "template may place; remove it from the text")
+        return {"input": obj["input"], "output": obj["output"], "category": category}
+    if "messages" in obj:
+        messages, where = obj["messages"], '"messages"'
+        if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                    and isinstance(m.get("content"), str) for m in messages)):
+            raise ValueError('"messages" must be a list of {"role": ..., "content": ...} objects with string values')
+    elif isinstance(obj.get("text"), str):
+        messages, where = chatml_messages(obj["text"]), '"text"'
+    else:
+        raise ValueError(f"fits none of the formats: {JSONL_FORMATS}")
+    roles = [m["role"] for m in messages]
+    turns = roles[1:] if roles[:1] == ["system"] else roles
+    if not turns or turns != ["user", "assistant"] * (len(turns) // 2):
+        raise ValueError(f"{where} has the turns {', '.join(roles) or 'none'}; expected user, assistant, user, ..., "
+                         "ending with the assistant's reply, after at most one system message")
+    for i, m in enumerate(messages):
+        token = next((t for t in SPECIAL_TOKENS if t in m["content"]), None)
+        if token:
+            raise ValueError(f"{where}: turn {i + 1} ({m['role']}) contains {token}, one of guppy's control tokens, "
+                             "which only the chat template may place; remove it from the text")
+    row = {"input": messages[-2]["content"], "output": messages[-1]["content"], "category": category}
+    if len(messages) > 2:
+        row["context"] = [{"role": m["role"], "content": m["content"]} for m in messages[:-2]]
+    return row
+
+
 def write_jsonl(path: str, rows: list[dict]):
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
+            if row.get("context"):  # multi-turn: the messages format, which read_jsonl reads back as it was
+                row = {"messages": [*row["context"], {"role": "user", "content": row["input"]},
+                                    {"role": "assistant", "content": row["output"]}], "category": row["category"]}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -143,7 +219,7 @@ def load_tokenizer(path: str):
 def encode_conversations(tok, rows: list[dict]):
     """-> (tokens uint16, offsets int64 (n+1,), prompt_len int32 (n,)). Prompt and reply are encoded separately,
     exactly as chat encodes a prompt and then generates, so training and inference see the same token boundaries."""
-    prompts = tok.encode_batch([prompt_text(r["input"]) for r in rows], add_special_tokens=False)
+    prompts = tok.encode_batch([prompt_text(r["input"], r.get("context", ())) for r in rows], add_special_tokens=False)
     replies = tok.encode_batch([reply_text(r["output"]) for r in rows], add_special_tokens=False)
     ids = [p.ids + r.ids for p, r in zip(prompts, replies)]
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
@@ -246,7 +322,8 @@ def _prepare_into(tmp, samples, persona_path, seed, eval_fraction, from_jsonl, v
                              f"`python -m guppy.persona {persona.path}` says what to add")
     t_gen = time.time() - t0
 
-    tok = train_tokenizer((prompt_text(r["input"]) + reply_text(r["output"]) for r in train_rows), vocab_size)
+    tok = train_tokenizer((prompt_text(r["input"], r.get("context", ())) + reply_text(r["output"]) for r in train_rows),
+                          vocab_size)
     t_tok = time.time() - t0 - t_gen
 
     write_jsonl(os.path.join(tmp, "train.jsonl"), train_rows)
@@ -287,7 +364,9 @@ def prepare(out_dir: str, samples: int = 60_000, persona_path=None, seed: int = 
     """Write the dataset, tokenizer and token arrays into out_dir. Returns meta.json's contents.
 
     Everything is written into a temporary folder beside out_dir and moved into place at the end, so a failure
-    leaves an existing dataset untouched; an existing dataset is only replaced with force=True.
+    leaves an existing dataset untouched; an existing dataset is only replaced with force=True. A folder that holds a
+    training run or an export is refused, force or not, and out_dir is locked while prepare works
+    (guppy/runlock.py): a second prepare into it is refused in one line, not left to replace the first one's dataset.
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise GuppyError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
@@ -295,10 +374,24 @@ def prepare(out_dir: str, samples: int = 60_000, persona_path=None, seed: int = 
         raise GuppyError(f"--samples must be at least 2, got {samples}")
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise GuppyError(f"{out_dir}: exists and is not a folder; choose another --out")
+    refuse_foreign(out_dir, "a prepare")  # a run's or an export's folder is never a dataset's, --force or not
+    _dataset_in(out_dir, force)  # before the lock too: a refused prepare leaves the folder as it was
+    with RunLock(out_dir, "a prepare"):
+        return _prepare_locked(out_dir, samples, persona_path, seed, eval_fraction, from_jsonl, vocab_size, log,
+                               present=_dataset_in(out_dir, force))  # again: a prepare may have finished meanwhile
+
+
+def _dataset_in(out_dir: str, force: bool) -> list[str]:
+    """What out_dir holds; raises where that is a dataset and force is not given."""
     present = os.listdir(out_dir) if os.path.isdir(out_dir) else []  # unreadable: PermissionError, said as such
     existing = [f for f in DATA_FILES if f in present]
     if existing and not force:
         raise GuppyError(f"{out_dir}: already holds a dataset ({', '.join(existing)}); pass --force to replace it")
+    return present
+
+
+def _prepare_locked(out_dir, samples, persona_path, seed, eval_fraction, from_jsonl, vocab_size, log, present) -> dict:
+    """prepare()'s work, with out_dir locked: check the persona, write the dataset aside, move it into place."""
     if from_jsonl is None:  # what the persona can make, before anything is written; a useless dataset is refused
         from .persona import PersonaError, load_persona
         from .persona_report import persona_report

@@ -1,6 +1,6 @@
 """Export a trained guppy to ONNX, for onnxruntime anywhere and onnxruntime-web in a browser.
 
-    guppy export --checkpoint RUN --out DIR [--quantize none|uint8] [--data DATA] [--runtime-dir TGZ|DIR]
+    guppy export --checkpoint RUN --out DIR [--quantize none|uint8] [--data DATA] [--runtime-dir TGZ|DIR] [--force]
 
 writes a folder that can be served, zipped, or uploaded to a model hub as it is:
 
@@ -12,6 +12,25 @@ writes a folder that can be served, zipped, or uploaded to a model hub as it is:
                          the page can be hosted, architecture, data, training run, eval loss, export figures, license
     DIR/index.html ...   the browser chat page (guppy/web/), and runtime.json: where it gets onnxruntime-web (a CDN,
                          or DIR/ort/ with --runtime-dir, the .tgz of `npm pack onnxruntime-web`: works offline)
+    DIR/.guppy-export.json   the manifest: every file above with its sha256, and the run's fingerprint
+
+`--format hf` writes a transformers GPT-2 folder instead (config.json, model.safetensors, tokenizer files with a
+chat template, generation_config.json, persona.json, README.md): guppy/hf.py, called from `export()` below, which
+keeps the folder handling (checks, manifest, lock, swap) one for both formats.
+
+The fingerprint (manifest and model.onnx metadata `guppy_tokenizer_sha256`, `guppy_fingerprint`): the sha256 of the
+tokenizer (the one the run recorded, guppy.data.fingerprint; the export refuses a tokenizer.json that differs from it,
+does not load, or has more tokens than the model), the model's shape, and the run's record. `guppy chat` on an export
+(guppy/onnx_chat.py) checks tokenizer.json against it and config.json against the metadata's config, as chat on a
+run checks the run's record: one line on a mismatch, never replies from a mixed folder.
+
+Before any work, each input is checked and refused in one line: the shape (guppy/config.py's bounds, and what the
+exporter can write: max_seq_len >= EXPORT_MIN_SEQ_LEN, the fp32 weights under protobuf's 2 GB), the tokenizer,
+--data (its tokenizer must be the model's), --runtime-dir, and --out (below).
+
+The folder (guppy/export_folder.py has the scheme): never deleting what the export did not write. --out is new,
+empty, or an earlier export, replaced only with --force and then only the files it wrote; the export is built
+beside it under a lock and swapped in whole, so even kill -9 leaves the old export or the new one, never a mix.
 
 The graph (one graph for the prompt and for each new token; a KV cache, so each new token costs one position):
 
@@ -52,7 +71,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from guppy.errors import GuppyError
+from guppy.errors import GuppyError, one_line
+from guppy.export_folder import building, files_written, inspect_target
 
 INPUTS = ("input_ids", "past_keys", "past_values")
 OUTPUTS = ("logits", "present_keys", "present_values")
@@ -126,10 +146,14 @@ def export_onnx(model, path: str, log=print):
     cfg = model.config
     model = _reference_copy(model)
     decoder = OnnxDecoder(model).eval()
-    # Example sizes >= 2: torch.export specialises dimensions of size 0 and 1 to constants. Two distinct past
-    # tensors: given one tensor twice, the exporter would wire both inputs to one graph input.
-    ids = torch.full((3, 5), 3, dtype=torch.long)
-    past_k = torch.zeros(cfg.n_layers, 3, cfg.n_heads, 7, cfg.head_dim)
+    # Example sizes >= 2: torch.export specialises dimensions of size 0 and 1 to constants, and an example must lie
+    # in its declared range (seq <= max_seq_len, past <= max_seq_len - 1): so max_seq_len >= EXPORT_MIN_SEQ_LEN (3),
+    # which `export` checks first. Two distinct past tensors: given one tensor twice, the exporter would wire both
+    # inputs to one graph input.
+    if cfg.max_seq_len < EXPORT_MIN_SEQ_LEN:
+        raise GuppyError(f"max_seq_len={cfg.max_seq_len}: the ONNX export needs at least {EXPORT_MIN_SEQ_LEN}")
+    ids = torch.full((3, min(5, cfg.max_seq_len)), 3, dtype=torch.long)
+    past_k = torch.zeros(cfg.n_layers, 3, cfg.n_heads, min(7, cfg.max_seq_len - 1), cfg.head_dim)
     past_v = torch.zeros_like(past_k)
     batch, seq = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=cfg.max_seq_len)
     past_len = Dim("past", min=0, max=cfg.max_seq_len - 1)
@@ -227,14 +251,38 @@ def session(path: str):
         raise GuppyError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
 
 
-def model_config(sess):
-    """The ModelConfig stored in the graph's metadata by `write_metadata`."""
+def model_config(sess, path: str = "this ONNX model"):
+    """The ModelConfig stored in the graph's metadata by `write_metadata`; `path` names the file in the one line
+    that says it is missing or damaged."""
     from guppy.config import ModelConfig
 
     meta = sess.get_modelmeta().custom_metadata_map
     if "guppy_config" not in meta:
-        raise GuppyError("this ONNX model was not exported by guppy (no guppy_config in its metadata)")
-    return ModelConfig.from_dict(json.loads(meta["guppy_config"]))
+        raise GuppyError(f"{path}: not exported by guppy (no guppy_config in its metadata)")
+    try:
+        return ModelConfig.from_dict(json.loads(meta["guppy_config"]))
+    except (ValueError, GuppyError) as e:  # not JSON, or not a config guppy can build
+        raise GuppyError(f"{path}: its guppy_config metadata is damaged ({one_line(e)[:160]}); export it "
+                         "again") from None
+
+
+def check_graph(sess, config, path: str):
+    """The graph is guppy's: these inputs and outputs (INPUTS, OUTPUTS), with the cache and logits shapes that the
+    config in its metadata gives. One line naming the file otherwise (a graph from elsewhere, or metadata copied
+    from another export)."""
+    ins = {i.name: i.shape for i in sess.get_inputs()}
+    outs = {o.name: o.shape for o in sess.get_outputs()}
+    if set(ins) != set(INPUTS) or set(outs) != set(OUTPUTS):
+        raise GuppyError(f"{path}: its graph takes ({', '.join(ins)}) and gives ({', '.join(outs)}), not guppy's "
+                         f"({', '.join(INPUTS)}) -> ({', '.join(OUTPUTS)}); export it again")
+    cache = (config.n_layers, None, config.n_heads, None, config.head_dim)
+    for name, dims in (("past_keys", cache), ("past_values", cache), ("logits", (None, None, config.vocab_size))):
+        shape = {**ins, **outs}[name]
+        if len(shape) != len(dims) or any(isinstance(s, int) and d is not None and s != d
+                                          for s, d in zip(shape, dims)):
+            want = ", ".join("?" if d is None else str(d) for d in dims)
+            raise GuppyError(f"{path}: its {name} has shape {list(shape)}, but its guppy_config says ({want}): the "
+                             "metadata is not this graph's; export it again")
 
 
 def write_metadata(path: str, entries: dict):
@@ -273,81 +321,175 @@ def heldout_loss(sess, config, data_dir: str, batch_size: int = 32, max_batches:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The folder
+# The export
 # --------------------------------------------------------------------------------------------------------------------
+EXPORT_MIN_SEQ_LEN = 3            # export_onnx: example lengths >= 2 for seq and for past, and past < max_seq_len
+ONNX_LIMIT_BYTES = 2 ** 31        # protobuf's limit on one file, which holds all the fp32 weights
+
+
 def export(checkpoint: str, out_dir: str, quantize: str = "none", data_dir: str | None = None,
            runtime_dir: str | None = None, persona_path: str | None = None, force: bool = False, log=print,
-           license: str = "mit") -> dict:
+           license: str = "mit", format: str = "onnx") -> dict:
     """Write the export folder (see the module header). Returns what the model card reports. `license`: the card's
-    (a Hugging Face license id)."""
-    from guppy.chat import find_beside, find_tokenizer
-    from guppy.checkpoint import load_model
-    from guppy.web import install_page
+    (a Hugging Face license id). format="hf": a transformers GPT-2 folder instead (guppy/hf.py), same folder rules.
+    Everything that can be checked is checked before the first file is written; the folder is then built beside
+    --out and swapped in (guppy/export_folder.py's `building`)."""
+    from guppy.chat import find_beside
+    from guppy.checkpoint import load_model, read_run_record, resolve_checkpoint
 
-    require("onnx", "onnxscript", "onnxruntime")
+    if format not in ("onnx", "hf"):
+        raise GuppyError(f"--format must be onnx or hf, got {format!r}")
+    if format == "hf":
+        from guppy.hf import require_transformers
+        require_transformers()
+        for option, given in (("--quantize", quantize != "none"), ("--runtime-dir", runtime_dir), ("--data", data_dir)):
+            if given:  # they act on the ONNX files and the page, which an hf folder does not have
+                raise GuppyError(f"{option}: only for --format onnx")
+    else:
+        require("onnx", "onnxscript", "onnxruntime")
     if quantize not in ("none", "uint8"):
         raise GuppyError(f"--quantize must be none or uint8, got {quantize!r}")
-    _check_out_dir(out_dir, force)
     if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
         raise GuppyError(f"--license {license!r}: expected a license id such as mit, apache-2.0 or cc-by-4.0")
+    writes = files_written(format, runtime_dir)
+    inspect_target(out_dir, force, writes)  # again in building(), under the lock
     if runtime_dir is not None:  # the inputs are checked before the minute of exporting, not after
         from guppy.web import find_runtime
         find_runtime(runtime_dir)
-    if data_dir is not None:
-        from guppy.data import load_split
-        load_split(data_dir, "eval")
-    tokenizer = find_tokenizer(checkpoint)
-    card = _persona_card(checkpoint, persona_path, find_beside)
-    model, ckpt = load_model(checkpoint, ops="reference")
-    model.eval()
-
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".guppy-export-", dir=parent)  # built aside, moved into place at the end
-    try:
-        fp32 = os.path.join(tmp, "model.fp32.onnx")
-        log(f"exporting {ckpt} to ONNX (opset {OPSET}, torch {torch.__version__})")
-        export_onnx(model, fp32)
-        final = fp32
-        if quantize == "uint8":
-            final = quantize_uint8(fp32, os.path.join(tmp, "model.uint8.onnx"))
-        for p in {fp32, final}:
-            write_metadata(p, {"guppy_config": model.config.to_dict(), "guppy_persona": card["name"]})
-        report = {"checkpoint": os.path.abspath(ckpt), "quantize": quantize, "fp32_bytes": os.path.getsize(fp32),
-                  "license": license}
-        if quantize == "uint8":
-            report["uint8_bytes"] = os.path.getsize(final)
+    ckpt = resolve_checkpoint(checkpoint)
+    stored = _stored_config(ckpt)
+    if stored:  # the shape a checkpoint declares, checked before its weights are read (a vocab of 2e9 is one line)
+        _check_shape(*stored, format)
+        tokenizer, tokenizer_sha = _export_tokenizer(checkpoint, ckpt, stored[0].vocab_size, find_beside)
         if data_dir is not None:
-            report.update(_score(model, fp32, final if quantize == "uint8" else None, data_dir, log))
-        os.replace(final, os.path.join(tmp, "model.onnx"))
-        if os.path.exists(fp32):
-            os.remove(fp32)
-        report["model_bytes"] = os.path.getsize(os.path.join(tmp, "model.onnx"))
-        shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))
-        with open(os.path.join(tmp, "persona.json"), "w", encoding="utf-8") as f:
-            json.dump(card, f, indent=2, ensure_ascii=False)
-        with open(os.path.join(tmp, "config.json"), "w") as f:  # the page reads the shapes of the cache here
-            json.dump({k: v for k, v in model.config.to_dict().items() if k != "ops"}, f, indent=2)
-        report["runtime"] = install_page(tmp, runtime_dir)
-        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(model, card, ckpt, report))
-        _move_into_place(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _log_report(report, out_dir, log)
+            _check_data(data_dir, tokenizer_sha, stored[0].vocab_size)
+    card = _persona_card(checkpoint, persona_path, find_beside)
+    model, ckpt = load_model(ckpt, ops="reference")
+    model.eval()
+    if not stored:  # a .pt file's or a transformers folder's shape is known only now
+        _check_shape(model.config, ckpt, format)
+        tokenizer, tokenizer_sha = _export_tokenizer(checkpoint, ckpt, model.config.vocab_size, find_beside)
+        if data_dir is not None:
+            _check_data(data_dir, tokenizer_sha, model.config.vocab_size)
+    fingerprint = {"tokenizer_sha256": tokenizer_sha, "config": _shape(model.config),
+                   "run": read_run_record(ckpt) if os.path.isdir(ckpt) else None}
+
+    with building(out_dir, force, writes, format, ckpt, fingerprint) as (new, work):
+        if format == "hf":
+            from guppy.hf import write_hf_folder
+            report = write_hf_folder(model, tokenizer, card, new, checkpoint=ckpt, license=license, log=log)
+        else:
+            report = _write_onnx_folder(model, ckpt, card, tokenizer, fingerprint, new, work, quantize, data_dir,
+                                        runtime_dir, license, log)
+    if format == "hf":
+        log(f"exported to {out_dir}: transformers GPT-2, model.safetensors {_mb(report['model_bytes'])}")
+        log(f"chat: guppy chat --checkpoint {out_dir}    transformers: AutoModelForCausalLM.from_pretrained")
+    else:
+        _log_report(report, out_dir, log)
     return report
 
 
-def _check_out_dir(out_dir: str, force: bool):
-    """A new or empty folder; or, with --force, the folder of an earlier export (never some other folder)."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise GuppyError(f"{out_dir}: exists and is not a folder")
-    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+def _write_onnx_folder(model, ckpt, card, tokenizer, fingerprint, new, work, quantize, data_dir, runtime_dir,
+                       license, log) -> dict:
+    """The files of an ONNX export, into the folder `new`; the intermediate files in `work`."""
+    from guppy.web import install_page
+
+    fp32 = os.path.join(work, "model.fp32.onnx")
+    log(f"exporting {ckpt} to ONNX (opset {OPSET}, torch {torch.__version__})")
+    export_onnx(model, fp32)
+    final = fp32
+    if quantize == "uint8":
+        final = quantize_uint8(fp32, os.path.join(work, "model.uint8.onnx"))
+    for p in {fp32, final}:
+        write_metadata(p, {"guppy_config": model.config.to_dict(), "guppy_persona": card["name"],
+                           "guppy_tokenizer_sha256": fingerprint["tokenizer_sha256"],
+                           "guppy_fingerprint": fingerprint})
+    report = {"checkpoint": os.path.abspath(ckpt), "quantize": quantize, "fp32_bytes": os.path.getsize(fp32),
+              "license": license}
+    if quantize == "uint8":
+        report["uint8_bytes"] = os.path.getsize(final)
+    if data_dir is not None:
+        report.update(_score(model, fp32, final if quantize == "uint8" else None, data_dir, log))
+    os.replace(final, os.path.join(new, "model.onnx"))
+    report["model_bytes"] = os.path.getsize(os.path.join(new, "model.onnx"))
+    shutil.copyfile(tokenizer, os.path.join(new, "tokenizer.json"))
+    with open(os.path.join(new, "persona.json"), "w", encoding="utf-8") as f:
+        json.dump(card, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(new, "config.json"), "w") as f:  # the page reads the shapes of the cache here
+        json.dump(_shape(model.config), f, indent=2)
+    report["runtime"] = install_page(new, runtime_dir)
+    with open(os.path.join(new, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(model, card, ckpt, report))
+    return report
+
+
+def _shape(cfg) -> dict:
+    """config.json of an ONNX export: the ModelConfig without `ops` (which kernels ran, not part of the shape)."""
+    return {k: v for k, v in cfg.to_dict().items() if k != "ops"}
+
+
+# ---- what is checked before any work ---------------------------------------------------------------------------
+def _stored_config(ckpt: str):
+    """(ModelConfig, config.json) of a guppy checkpoint folder, read without its weights; None for a .pt file or a
+    transformers folder, whose shape comes with the weights."""
+    from guppy.checkpoint import read_model_config
+    from guppy.hf import is_hf_folder
+
+    path = os.path.join(ckpt, "config.json")
+    if os.path.isdir(ckpt) and os.path.isfile(path) and not is_hf_folder(ckpt):
+        return read_model_config(path), path  # ModelConfig's own bounds (guppy/config.py) apply here
+    return None
+
+
+def _approx_params(cfg) -> int:
+    d, f = cfg.d_model, cfg.ffn_hidden
+    return (cfg.vocab_size + cfg.max_seq_len) * d + cfg.n_layers * (4 * d * d + 2 * d * f + 9 * d + f) + 2 * d
+
+
+def _check_shape(cfg, where: str, format: str):
+    """What the ONNX exporter can write, on top of ModelConfig's own bounds."""
+    if format != "onnx":
         return
-    if not os.path.isfile(os.path.join(out_dir, "model.onnx")):
-        raise GuppyError(f"{out_dir}: not empty and not an earlier export (no model.onnx); choose a new folder")
-    if not force:
-        raise GuppyError(f"{out_dir}: already holds an export; pass --force to replace it")
+    if cfg.max_seq_len < EXPORT_MIN_SEQ_LEN:
+        raise GuppyError(f"{where}: max_seq_len={cfg.max_seq_len}: the ONNX export needs at least "
+                         f"{EXPORT_MIN_SEQ_LEN} (torch.export fixes a dimension whose example is 0 or 1, and the "
+                         "cache's length must be free to range over 0 .. max_seq_len - 1)")
+    n = _approx_params(cfg)
+    if 4 * n >= ONNX_LIMIT_BYTES:
+        raise GuppyError(f"{where}: about {n:,} parameters, {_mb(4 * n)} in fp32: more than one ONNX file can hold "
+                         "(protobuf's limit is 2 GB)")
+
+
+def _export_tokenizer(checkpoint: str, ckpt: str, vocab: int, find_beside) -> tuple[str, str]:
+    """(path, sha256) of the tokenizer the export copies: the run's, which loads, is the one the run recorded (where
+    it recorded one) and has no more tokens than the model."""
+    from guppy.chat import check_tokenizer
+    from guppy.data import file_sha256, load_tokenizer
+
+    path = find_beside(checkpoint, "tokenizer.json")
+    if not path:
+        folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
+        raise GuppyError(f"{checkpoint}: no tokenizer.json beside this checkpoint (export takes the one in the "
+                         "checkpoint's folder or the run folder above it); copy there the tokenizer.json of the data "
+                         f"it was trained on (`guppy prepare` writes it), e.g. into {folder}")
+    tok = load_tokenizer(path)
+    check_tokenizer(ckpt, path, vocab, tok)
+    return path, file_sha256(path)
+
+
+def _check_data(data_dir: str, tokenizer_sha: str, vocab: int):
+    """--data is scored with the model: its token ids must be this model's tokenizer's."""
+    from guppy.data import file_sha256, load_split
+
+    split = load_split(data_dir, "eval")
+    theirs = os.path.join(data_dir, "tokenizer.json")
+    if os.path.isfile(theirs) and file_sha256(theirs) != tokenizer_sha:
+        raise GuppyError(f"--data {data_dir}: its tokenizer.json is not the model's (their sha256 differ); score the "
+                         "export on the data the model was trained on")
+    top = int(split.tokens.max(initial=0))
+    if top >= vocab:
+        raise GuppyError(f"--data {data_dir}: its token ids go up to {top}, beyond the model's vocab of {vocab}; it "
+                         "was made with another tokenizer")
 
 
 def _persona_card(checkpoint: str, persona_path, find_beside) -> dict:
@@ -373,20 +515,6 @@ def _score(model, fp32: str, uint8: str | None, data_dir: str, log) -> dict:
     if uint8:
         out["uint8_loss"] = heldout_loss(session(uint8), model.config, data_dir)
     return out
-
-
-def _move_into_place(tmp: str, out_dir: str):
-    """Move the built files into out_dir; files of an earlier export that this one does not write are removed."""
-    os.makedirs(out_dir, exist_ok=True)
-    written = set(os.listdir(tmp))
-    for name in written:
-        dst = os.path.join(out_dir, name)
-        if os.path.isdir(dst) and not os.path.islink(dst):
-            shutil.rmtree(dst)
-        os.replace(os.path.join(tmp, name), dst)
-    for name in set(os.listdir(out_dir)) - written:
-        p = os.path.join(out_dir, name)
-        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
 
 
 def _mb(n: int) -> str:
@@ -446,7 +574,8 @@ def model_card(model, card: dict, ckpt: str, report: dict) -> str:
         "| `tokenizer.json` | byte-level BPE; `<pad>`=0, `<|im_start|>`=1, `<|im_end|>`=2 |",
         "| `persona.json` | name, description, whether user text is lowercased, sample prompts |",
         "| `config.json` | the model's shape |",
-        "| `index.html`, `*.js`, `runtime.json` | the browser chat page |", "",
+        "| `index.html`, `*.js`, `runtime.json` | the browser chat page |",
+        "| `.guppy-export.json` | the export's manifest: each file's sha256, and the run's fingerprint |", "",
         "## Architecture", "",
         f"A pre-norm transformer (GuppyLM's): {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads "
         f"of {cfg.head_dim}, ReLU FFN {cfg.ffn_hidden}, LayerNorm, learned positions, LM head tied to the "

@@ -153,8 +153,9 @@ def test_folder_holds_model_tokenizer_persona_card_and_page(exported):
     from guppy.web import ORT_WEB_CDN, ORT_WEB_FILES
 
     folder, run_dir = exported["fp32"], exported["run"]
-    assert sorted(os.listdir(folder)) == ["README.md", "chat.js", "config.json", "index.html", "model.onnx",
-                                          "persona.json", "runtime.json", "tokenizer.js", "tokenizer.json"]
+    assert sorted(os.listdir(folder)) == [".guppy-export.json", "README.md", "chat.js", "config.json", "index.html",
+                                          "model.onnx", "persona.json", "runtime.json", "tokenizer.js",
+                                          "tokenizer.json"]
     for name in ("tokenizer.json", "persona.json"):
         assert open(os.path.join(folder, name), "rb").read() == open(os.path.join(run_dir, name), "rb").read()
     persona = json.load(open(os.path.join(folder, "persona.json")))

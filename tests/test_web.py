@@ -276,6 +276,21 @@ def test_a_runtime_file_missing_from_the_folder_says_export_again(offline_browse
     assert send == LOOKS_DISABLED
 
 
+def test_a_config_that_is_not_the_models_is_said_in_the_chat_area(page, offline_browser, tmp_path):
+    """config.json of another shape beside model.onnx (two exports mixed, or an edit): the page used to say "ready"
+    and leave the first reply at "…", with the error in the console only."""
+    _, _, root = page
+    folder = str(tmp_path / "mixed")
+    shutil.copytree(os.path.join(root, "export"), folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**config, "n_layers": config["n_layers"] + 1}, f)
+    text, send = served(folder, offline_browser)
+    assert "config.json is not this model's" in text and "guppy export --checkpoint RUN --out DIR --force" in text
+    assert send == LOOKS_DISABLED
+
+
 def test_opened_from_a_file_the_page_says_to_serve_its_folder(offline_browser, tmp_path):
     folder = page_folder(str(tmp_path / "my export"))
     text, send = problem_shown(offline_browser, "file://" + urllib.request.pathname2url(

@@ -15,12 +15,17 @@
 // then top-k, then top-p; temperature 0 is greedy), and prompts are built and cut as guppy/chat.py builds them.
 //
 // The page is never silent: each way it can fail to start (the runtime offline or blocked, a file of the export
-// missing, the server gone, the model refused) is a Problem, which index.html's problem() shows in the chat area with
-// the command that fixes it. (A page opened from file:// never gets here: index.html says that one itself.)
-import { ByteLevelBPE, IM_END_ID } from "./tokenizer.js";
+// missing, the server gone, the model refused, a model.onnx that config.json or tokenizer.json does not belong to)
+// is a Problem, which index.html's problem() shows in the chat area with the command that fixes it, and the status
+// line never says "ready" then. A failure while replying is shown the same way. (A page opened from file:// never
+// gets here: index.html says that one itself.)
+import { ByteLevelBPE, IM_END_ID, IM_START_ID } from "./tokenizer.js";
 
 const $ = (id) => document.getElementById(id);
 const REEXPORT = "guppy export --checkpoint RUN --out DIR --force";
+const INPUTS = ["input_ids", "past_keys", "past_values"], OUTPUTS = ["logits", "present_keys", "present_values"];
+
+const firstLine = (e) => String((e && e.message) || e).split("\n")[0].slice(0, 200);
 
 class Problem extends Error {
   constructor(what, fix, after) {
@@ -167,6 +172,43 @@ class Model {
   }
 }
 
+// model.onnx, config.json and tokenizer.json belong together (not two exports mixed, nor a config.json edited by
+// hand): the graph's input and output names are guppy's, the tokenizer's ids fit the vocabulary, and one call on one
+// token, with the cache shapes config.json gives, returns the shapes config.json gives. Checked before "ready":
+// otherwise the first reply would fail inside onnxruntime, with only the console saying so.
+async function checkModel(session, config, tokenizer) {
+  const sorted = (names) => [...names].sort().join(", ");
+  if (sorted(session.inputNames) !== sorted(INPUTS) || sorted(session.outputNames) !== sorted(OUTPUTS)) {
+    throw new Problem(`model.onnx is not the graph of a guppy export: it takes ${session.inputNames.join(", ")} and `
+                      + `gives ${session.outputNames.join(", ")}. Export the folder again with`, REEXPORT);
+  }
+  const maxId = Math.max(...tokenizer.vocab.values());
+  if (!(maxId < config.vocab_size)) {
+    throw new Problem(`tokenizer.json has token ids up to ${maxId}, but config.json says the model knows `
+                      + `${config.vocab_size} tokens: the folder mixes two exports. Export it again with`, REEXPORT);
+  }
+  const model = new Model(session, config);
+  let r;
+  try {
+    const ids = new ort.Tensor("int64", BigInt64Array.from([BigInt(IM_START_ID)]), [1, 1]);
+    r = await session.run({ input_ids: ids, past_keys: model.emptyPast(), past_values: model.emptyPast() });
+  } catch (e) {
+    throw new Problem(`model.onnx does not run with the shapes config.json gives (${firstLine(e)}): config.json is `
+                      + "not this model's (the folder mixes two exports, or it was edited). Export it again with",
+                      REEXPORT);
+  }
+  const want = { logits: [1, 1, config.vocab_size],
+                 present_keys: [config.n_layers, 1, config.n_heads, 1, model.headDim] };
+  for (const [name, dims] of Object.entries(want)) {
+    if (r[name].dims.join() !== dims.join()) {
+      throw new Problem(`model.onnx gives ${name} of shape [${r[name].dims.join(", ")}], but config.json says `
+                        + `[${dims.join(", ")}]: config.json is not this model's (the folder mixes two exports, or `
+                        + "it was edited). Export it again with", REEXPORT);
+    }
+  }
+  return model;
+}
+
 function addMessage(who, text) {
   const div = document.createElement("div");
   div.className = `msg ${who}`;
@@ -205,7 +247,8 @@ async function main() {
       throw new Problem(`onnxruntime-web ${runtime.version} could not load model.onnx (${e.message || e}). `
                         + "Export the folder again with", REEXPORT);
     }
-    const model = new Model(session, config);
+    status.textContent = "checking the model…";
+    const model = await checkModel(session, config, tokenizer);
     // what the prompt may use of the context after room for a reply (guppy/chat.py: Chat.max_prompt)
     const maxPrompt = (s) => config.max_seq_len - Math.min(s.maxNewTokens, Math.floor(config.max_seq_len / 2));
 
@@ -224,7 +267,15 @@ async function main() {
       }
       const bubble = addMessage("bot", "…");
       const t0 = performance.now();
-      const out = await model.generate(ids, s, (sofar) => { bubble.textContent = tokenizer.decode(sofar); });
+      let out;
+      try {
+        out = await model.generate(ids, s, (sofar) => { bubble.textContent = tokenizer.decode(sofar); });
+      } catch (e) {   // shown in the chat area, the form disabled, the status no longer "ready" (problem())
+        bubble.textContent = "(no reply)";
+        problem(`The model failed while replying (${firstLine(e)}). Reload the page; if it fails again, export the `
+                + "folder again with", REEXPORT);
+        return;
+      }
       const reply = tokenizer.decode(out.filter((t) => t !== IM_END_ID)).trim();
       bubble.textContent = reply || "(no reply)";
       bubble.dataset.ids = JSON.stringify(out);   // the token ids, for tests/test_web.py
