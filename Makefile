@@ -10,6 +10,10 @@ endif
 DATA ?= data/guppy
 RUN ?= runs/demo
 PYTEST_ARGS ?=
+# Test files run in parallel, one worker per core (pytest-xdist), a whole file per worker: the files' module fixtures
+# (a tiny trained run, a prepared dataset) are built once, and the suite's CPU time (~30 min) is shared by the cores.
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= auto
 ARCH ?= 75,80,90
 
 .PHONY: demo demo-train test lint targets install venv bench-step gpu-check clean
@@ -40,7 +44,8 @@ demo-train: install
 
 test: venv
 	$(PY) -m pip install -q -e ".[test]"
-	@$(PY) -m pytest tests -q $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest tests -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS); \
+	rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests, which counts as a failure"; exit 1; fi; \
 	exit $$rc
 
