@@ -152,7 +152,8 @@ def _say_if_unfinished(path: str, loaded: str, doing: str):
 def cmd_export(a):
     from .export import export
     export(a.checkpoint, a.out, quantize=a.quantize, data_dir=a.data, runtime_dir=a.runtime_dir,
-           persona_path=a.persona, force=a.force, license=a.license, format=a.format)
+           persona_path=a.persona, force=a.force, license=a.license, format=a.format,
+           dataset=a.dataset)
 
 
 def cmd_serve(a):
@@ -317,6 +318,8 @@ def build_parser():
                                          "works offline; default: a pinned CDN")
     s.add_argument("--license", default="mit", help="the model card's license (a Hugging Face id: mit, apache-2.0, "
                                                     "cc-by-4.0, ...)")
+    s.add_argument("--dataset", help="the Hugging Face id (OWNER/NAME) of the dataset it was trained on, for the "
+                                     "model card's `datasets:`")
     s.add_argument("--persona", help="persona TOML for persona.json (default: the run's own persona.json)")
     s.add_argument("--force", action="store_true", help="replace the files of an earlier export in --out (the "
                                                         "folder's other files are kept)")

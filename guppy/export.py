@@ -325,13 +325,15 @@ def heldout_loss(sess, config, data_dir: str, batch_size: int = 32, max_batches:
 # --------------------------------------------------------------------------------------------------------------------
 EXPORT_MIN_SEQ_LEN = 3            # export_onnx: example lengths >= 2 for seq and for past, and past < max_seq_len
 ONNX_LIMIT_BYTES = 2 ** 31        # protobuf's limit on one file, which holds all the fp32 weights
+HUB_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*"  # a Hugging Face repository id, OWNER/NAME
 
 
 def export(checkpoint: str, out_dir: str, quantize: str = "none", data_dir: str | None = None,
            runtime_dir: str | None = None, persona_path: str | None = None, force: bool = False, log=print,
-           license: str = "mit", format: str = "onnx") -> dict:
+           license: str = "mit", format: str = "onnx", dataset: str | None = None) -> dict:
     """Write the export folder (see the module header). Returns what the model card reports. `license`: the card's
-    (a Hugging Face license id). format="hf": a transformers GPT-2 folder instead (guppy/hf.py), same folder rules.
+    (a Hugging Face license id); `dataset`: the hub id of the data it was trained on, for the card's `datasets:`.
+    format="hf": a transformers GPT-2 folder instead (guppy/hf.py), same folder rules.
     Everything that can be checked is checked before the first file is written; the folder is then built beside
     --out and swapped in (guppy/export_folder.py's `building`)."""
     from guppy.chat import find_beside
@@ -351,6 +353,8 @@ def export(checkpoint: str, out_dir: str, quantize: str = "none", data_dir: str 
         raise GuppyError(f"--quantize must be none or uint8, got {quantize!r}")
     if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
         raise GuppyError(f"--license {license!r}: expected a license id such as mit, apache-2.0 or cc-by-4.0")
+    if dataset is not None and not re.fullmatch(HUB_ID, dataset):
+        raise GuppyError(f"--dataset {dataset!r}: expected a Hugging Face dataset id, OWNER/NAME")
     writes = files_written(format, runtime_dir)
     inspect_target(out_dir, force, writes)  # again in building(), under the lock
     if runtime_dir is not None:  # the inputs are checked before the minute of exporting, not after
@@ -377,10 +381,11 @@ def export(checkpoint: str, out_dir: str, quantize: str = "none", data_dir: str 
     with building(out_dir, force, writes, format, ckpt, fingerprint) as (new, work):
         if format == "hf":
             from guppy.hf import write_hf_folder
-            report = write_hf_folder(model, tokenizer, card, new, checkpoint=ckpt, license=license, log=log)
+            report = write_hf_folder(model, tokenizer, card, new, checkpoint=ckpt, license=license, log=log,
+                                      dataset=dataset)
         else:
             report = _write_onnx_folder(model, ckpt, card, tokenizer, fingerprint, new, work, quantize, data_dir,
-                                        runtime_dir, license, log)
+                                        runtime_dir, license, log, dataset)
     if format == "hf":
         log(f"exported to {out_dir}: transformers GPT-2, model.safetensors {_mb(report['model_bytes'])}")
         log(f"chat: guppy chat --checkpoint {out_dir}    transformers: AutoModelForCausalLM.from_pretrained")
@@ -390,7 +395,7 @@ def export(checkpoint: str, out_dir: str, quantize: str = "none", data_dir: str 
 
 
 def _write_onnx_folder(model, ckpt, card, tokenizer, fingerprint, new, work, quantize, data_dir, runtime_dir,
-                       license, log) -> dict:
+                       license, log, dataset=None) -> dict:
     """The files of an ONNX export, into the folder `new`; the intermediate files in `work`."""
     from guppy.web import install_page
 
@@ -405,7 +410,7 @@ def _write_onnx_folder(model, ckpt, card, tokenizer, fingerprint, new, work, qua
                            "guppy_tokenizer_sha256": fingerprint["tokenizer_sha256"],
                            "guppy_fingerprint": fingerprint})
     report = {"checkpoint": os.path.abspath(ckpt), "quantize": quantize, "fp32_bytes": os.path.getsize(fp32),
-              "license": license}
+              "license": license, "dataset": dataset}
     if quantize == "uint8":
         report["uint8_bytes"] = os.path.getsize(final)
     if data_dir is not None:
@@ -548,7 +553,10 @@ def model_card(model, card: dict, ckpt: str, report: dict) -> str:
     cfg, state = model.config, _training_state(ckpt)
     name = card["name"]
     lines = ["---", f"license: {report.get('license', 'mit')}", "library_name: onnxruntime",
-             "pipeline_tag: text-generation", "tags: [onnx, guppy, tiny]", "---", "", f"# {name}", ""]
+             "pipeline_tag: text-generation", "tags: [onnx, guppy, tiny]"]
+    if report.get("dataset"):  # the hub links the model to its data
+        lines += [f"datasets: [{report['dataset']}]"]
+    lines += ["---", "", f"# {name}", ""]
     if card.get("description"):
         lines += [f"{card['description']}.", ""]
     lines += [

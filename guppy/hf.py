@@ -186,7 +186,7 @@ def tokenizer_config(cfg, card: dict) -> dict:
 # Writing
 # --------------------------------------------------------------------------------------------------------------------
 def write_hf_folder(model, tokenizer_path: str, card: dict, out_dir: str, checkpoint: str = "", license: str = "mit",
-                    log=print) -> dict:
+                    log=print, dataset: str | None = None) -> dict:
     """Write the transformers folder of `model` (a GuppyLM) into out_dir (export() gives it a new folder, which it
     swaps into place), then load it in transformers and check that it gives guppy's logits.
     Returns what the export reports."""
@@ -212,7 +212,7 @@ def write_hf_folder(model, tokenizer_path: str, card: dict, out_dir: str, checkp
     write_json("special_tokens_map.json", {k: tok_cfg[k] for k in ("bos_token", "eos_token", "pad_token")})
     write_json("persona.json", card)
     report = {"checkpoint": os.path.abspath(checkpoint) if checkpoint else None, "format": "hf", "license": license,
-              "model_bytes": os.path.getsize(os.path.join(out_dir, "model.safetensors"))}
+              "dataset": dataset, "model_bytes": os.path.getsize(os.path.join(out_dir, "model.safetensors"))}
     report["max_abs_logit_diff"] = check_in_transformers(model, out_dir)
     with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
         f.write(model_card(model, card, checkpoint, report))
@@ -262,7 +262,10 @@ def model_card(model, card: dict, checkpoint: str, report: dict) -> str:
     prompt = (card.get("sample_prompts") or ["hello"])[0]
     tags = ["guppy", "gpt2", "tiny", "chatml", "text-generation"]
     lines = ["---", f"license: {report.get('license', 'mit')}", "library_name: transformers",
-             "pipeline_tag: text-generation", f"tags: [{', '.join(tags)}]", "---", "", f"# {name}", ""]
+             "pipeline_tag: text-generation", f"tags: [{', '.join(tags)}]"]
+    if report.get("dataset"):  # the hub links the model to its data
+        lines += [f"datasets: [{report['dataset']}]"]
+    lines += ["---", "", f"# {name}", ""]
     if card.get("description"):
         lines += [f"{card['description']}.", ""]
     lines += [

@@ -243,6 +243,20 @@ def test_card_has_a_license(exported):
     assert "\nlicense: mit\n" in header and "\n## License\n" in card
 
 
+def test_the_card_links_the_dataset_given_and_a_bad_id_is_one_line(exported, tmp_path):
+    from guppy.errors import GuppyError
+    from guppy.export import model_card
+
+    model, ckpt = load_model(exported["run"])
+    report = {"model_bytes": 1, "quantize": "none", "license": "mit", "dataset": "owner/fish-chats"}
+    front = model_card(model, {"name": "crab"}, ckpt, report).split("---\n")[1]
+    assert "datasets: [owner/fish-chats]" in front.splitlines(), front
+    assert "datasets" not in model_card(model, {"name": "crab"}, ckpt, {**report, "dataset": None})
+    with pytest.raises(GuppyError, match="--dataset"):
+        export(exported["run"], str(tmp_path / "x"), dataset="fish chats\n---", log=lambda *a: None)
+    assert not os.path.exists(tmp_path / "x")
+
+
 def test_a_license_that_is_not_an_id_is_one_line(exported, tmp_path):
     from guppy.errors import GuppyError
 

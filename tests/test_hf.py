@@ -44,7 +44,7 @@ def folders(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("hf"))
     data, run = make_run(root)
     hf = os.path.join(root, "hf")
-    report = export(run, hf, format="hf", log=lambda *a: None)
+    report = export(run, hf, format="hf", dataset="arman-bd/guppylm-60k-generic", log=lambda *a: None)
     return {"root": root, "data": data, "run": run, "hf": hf, "report": report}
 
 
@@ -342,6 +342,7 @@ def test_the_model_card_has_hub_front_matter_and_its_snippet_runs_as_written(fol
     for line in ("license: mit", "library_name: transformers", "pipeline_tag: text-generation"):
         assert line in front.splitlines()
     assert re.search(r"^tags: \[.*gpt2.*\]$", front, re.M)
+    assert "datasets: [arman-bd/guppylm-60k-generic]" in front.splitlines()  # export's --dataset
     code = re.search(r"```python\n(.*?)```", card, re.S)[1]
     out, cwd = io.StringIO(), os.getcwd()
     os.chdir(folders["hf"])
