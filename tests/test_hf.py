@@ -359,3 +359,17 @@ def test_without_transformers_the_export_says_how_to_get_it(folders, monkeypatch
     with pytest.raises(GuppyError, match=r"transformers not installed; pip install 'guppy\[hf\]'"):
         export(folders["run"], os.path.join(folders["root"], "none"), format="hf")
     load_model(folders["hf"])  # reading a folder back needs no transformers
+
+
+def test_the_readmes_transformers_snippet_runs_as_written(folders, chat):
+    """The repository README's "Use it with transformers" block, on this folder in place of fish-hf: greedy, it
+    prints guppy chat --temperature 0's reply to its prompt."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("### Use it with transformers", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)[1]
+    prompt = re.search(r'"content": "([^"]*)"', code)[1]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code.replace('"fish-hf"', repr(folders["hf"])), "README.md", "exec"), {})
+    assert out.getvalue().strip() == chat.reply(prompt)
