@@ -59,14 +59,15 @@ def _follow_umask(path: str, is_dir: bool):
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
-def _fsync_dir(path):
+def fsync_dir(path):
+    """A folder's entries on disk (a rename into it survives a power cut); nothing where the filesystem cannot."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
+    except OSError:  # a filesystem that cannot fsync a folder
         pass
     finally:
         os.close(fd)
@@ -92,7 +93,7 @@ def atomic_write_bytes(path, data: bytes):
         _follow_umask(tmp, is_dir=False)
         _write_bytes(tmp, data)
         os.replace(tmp, path)
-        _fsync_dir(d)
+        fsync_dir(d)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -282,9 +283,9 @@ def save_checkpoint(run_dir: str, step: int, model, model_cfg: ModelConfig, trai
             state_tensors.update(tensors or {})
             _save_tensors(os.path.join(tmp, "state.safetensors"), state_tensors)
             _write_json(os.path.join(tmp, "state.json"), state)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             _replace_dir(tmp, final)
-            _fsync_dir(ckpt_root)
+            fsync_dir(ckpt_root)
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -548,15 +548,12 @@ def _log_report(r: dict, out_dir: str, log):
 
 def model_card(model, card: dict, ckpt: str, report: dict) -> str:
     """README.md of the export folder: the model card a model hub shows."""
+    from guppy.hf import front_matter
     from guppy.web import ORT_WEB_VERSION
 
     cfg, state = model.config, _training_state(ckpt)
     name = card["name"]
-    lines = ["---", f"license: {report.get('license', 'mit')}", "library_name: onnxruntime",
-             "pipeline_tag: text-generation", "tags: [onnx, guppy, tiny]"]
-    if report.get("dataset"):  # the hub links the model to its data
-        lines += [f"datasets: [{report['dataset']}]"]
-    lines += ["---", "", f"# {name}", ""]
+    lines = front_matter(report, "onnxruntime", ["onnx", "guppy", "tiny"]) + [f"# {name}", ""]
     if card.get("description"):
         lines += [f"{card['description']}.", ""]
     lines += [

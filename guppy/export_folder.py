@@ -53,6 +53,8 @@ import stat
 import tempfile
 import time
 
+from guppy import hf
+from guppy.checkpoint import fsync_dir
 from guppy.errors import GuppyError, one_line
 
 MANIFEST = ".guppy-export.json"   # the export's record of itself: its files with their sha256, the run's fingerprint
@@ -63,8 +65,7 @@ STALE_WORK_S = 600                # a work folder without a journal (an older gu
 # config.json and index.html, or a transformers config.json, is taken to be an export of these files.
 ONNX_FILES = ("model.onnx", "tokenizer.json", "persona.json", "config.json", "README.md", "index.html", "chat.js",
               "tokenizer.js", "runtime.json")
-HF_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "persona.json", "README.md")
+HF_FILES = hf.FILES
 # What makes a folder a run or a checkpoint (guppy/checkpoint.py) or a dataset (guppy/data.py): never an export's
 RUN_FILES = ("checkpoints", "latest.json", "best.json", "state.json", "metrics.jsonl")
 DATASET_FILES = ("meta.json", "train.jsonl", "eval.jsonl", "train.tokens.npy", "eval.tokens.npy")
@@ -256,19 +257,6 @@ def _read_journal(work: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return journal if isinstance(journal, dict) and isinstance(journal.get("target"), str) else None
-
-
-def fsync_dir(path: str):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # a filesystem that cannot fsync a folder
-        pass
-    finally:
-        os.close(fd)
 
 
 def sync_tree(folder: str):

@@ -254,18 +254,24 @@ def check_in_transformers(model, folder: str, tolerance: float = 1e-3) -> float:
     return diff
 
 
+def front_matter(report: dict, library_name: str, tags: list[str]) -> list[str]:
+    """The YAML block a model hub reads at the top of README.md (both export formats' cards): license, library,
+    pipeline, tags, and the dataset when the export was told it (--dataset)."""
+    lines = ["---", f"license: {report.get('license', 'mit')}", f"library_name: {library_name}",
+             "pipeline_tag: text-generation", f"tags: [{', '.join(tags)}]"]
+    if report.get("dataset"):  # the hub links the model to its data
+        lines += [f"datasets: [{report['dataset']}]"]
+    return lines + ["---", ""]
+
+
 def model_card(model, card: dict, checkpoint: str, report: dict) -> str:
     """README.md: the model card a hub shows, with a snippet that runs as written in the folder."""
     import transformers
 
     cfg, name = model.config, card["name"]
     prompt = (card.get("sample_prompts") or ["hello"])[0]
-    tags = ["guppy", "gpt2", "tiny", "chatml", "text-generation"]
-    lines = ["---", f"license: {report.get('license', 'mit')}", "library_name: transformers",
-             "pipeline_tag: text-generation", f"tags: [{', '.join(tags)}]"]
-    if report.get("dataset"):  # the hub links the model to its data
-        lines += [f"datasets: [{report['dataset']}]"]
-    lines += ["---", "", f"# {name}", ""]
+    lines = front_matter(report, "transformers", ["guppy", "gpt2", "tiny", "chatml", "text-generation"]) + [
+        f"# {name}", ""]
     if card.get("description"):
         lines += [f"{card['description']}.", ""]
     lines += [
