@@ -79,6 +79,13 @@ VARIANTS: dict[str, dict | None] = {
                                   ema_start=0.5),
     "muon-rows64-500-linear0": dict(SHIPPED, max_steps=500, batch_size=64, warmup_steps=50, schedule="linear",
                                     min_lr=0.0),
+    # the proxy's winners of one lever each (momentum 0.9, Muon lr 0.01, WSD to 0; notes/recipe.md), together
+    "muon-650-mom0.85": dict(SHIPPED, max_steps=650, muon_momentum=0.85),
+    "muon-650-mom0.9-lr0.01": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01),
+    "muon-650-mom0.9-wsd0.4-0": dict(SHIPPED, max_steps=650, muon_momentum=0.9, schedule="wsd", decay_fraction=0.4,
+                                     min_lr=0.0),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01, schedule="wsd",
+                                            decay_fraction=0.4, min_lr=0.0),
 }
 # the knobs a variant's line names when they differ from the shipped preset's
 LEVER_DEFAULTS = {k: getattr(preset("guppy-9m-fast")[1], k) for k in (
