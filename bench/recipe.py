@@ -81,6 +81,7 @@ VARIANTS: dict[str, dict | None] = {
                                     min_lr=0.0),
     # the proxy's winners of one lever each (momentum 0.9, Muon lr 0.01, WSD to 0; notes/recipe.md), together
     "muon-650-mom0.85": dict(SHIPPED, max_steps=650, muon_momentum=0.85),
+    "muon-650-mom0.8": dict(SHIPPED, max_steps=650, muon_momentum=0.8),
     "muon-650-mom0.9-lr0.01": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01),
     "muon-650-mom0.9-wsd0.4-0": dict(SHIPPED, max_steps=650, muon_momentum=0.9, schedule="wsd", decay_fraction=0.4,
                                      min_lr=0.0),
