@@ -82,6 +82,14 @@ VARIANTS: dict[str, dict | None] = {
     # the proxy's winners of one lever each (momentum 0.9, Muon lr 0.01, WSD to 0; notes/recipe.md), together
     "muon-650-mom0.85": dict(SHIPPED, max_steps=650, muon_momentum=0.85),
     "muon-650-mom0.8": dict(SHIPPED, max_steps=650, muon_momentum=0.8),
+    "muon-650-mom0.8-lr0.01-wsd0.4-0": dict(SHIPPED, max_steps=650, muon_momentum=0.8, muon_lr=0.01, schedule="wsd",
+                                            decay_fraction=0.4, min_lr=0.0),
+    # the proxy's best combination, for the full-size confirmation: 1,000 steps, and 64 x 128 at half of 650
+    "muon-1000-mom0.9-lr0.01-wsd0.4-0": dict(SHIPPED, max_steps=1000, muon_momentum=0.9, muon_lr=0.01,
+                                             schedule="wsd", decay_fraction=0.4, min_lr=0.0),
+    "muon-rows64-325-mom0.9-lr0.01-wsd0.4-0": dict(SHIPPED, max_steps=325, batch_size=64, warmup_steps=50,
+                                                   muon_momentum=0.9, muon_lr=0.01, schedule="wsd",
+                                                   decay_fraction=0.4, min_lr=0.0),
     "muon-650-mom0.9-lr0.01": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01),
     "muon-650-mom0.9-wsd0.4-0": dict(SHIPPED, max_steps=650, muon_momentum=0.9, schedule="wsd", decay_fraction=0.4,
                                      min_lr=0.0),
