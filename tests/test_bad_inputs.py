@@ -404,7 +404,9 @@ def test_metrics_after_a_kill_and_resume_hold_each_step_once(data, tmp_path):
                              "--quiet", "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(os.path.join(r, "metrics.jsonl")) and max(m["step"] for m in metrics(r)) >= 13:
+        # polled while the training writes it: the file may be empty or end in a line not yet complete
+        steps = [json_step(m) for m in metrics_lines(r)] if os.path.exists(os.path.join(r, "metrics.jsonl")) else []
+        if max((s for s in steps if s is not None), default=-1) >= 13:
             break
         time.sleep(0.02)
     proc.kill()
