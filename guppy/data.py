@@ -70,11 +70,17 @@ def reply_text(assistant: str) -> str:
     return f"{assistant}{IM_END}"
 
 
-def control_token_in(row: dict) -> tuple[str, str] | None:
-    """(field, token): the first of guppy's special tokens written out in a conversation's "input" or "output", else
-    None. Training text holds them only where the template puts them: the tokenizer would turn a written "<|im_end|>"
-    into the real token and end the turn there, while chat encodes the same characters typed by a user as text."""
-    return next(((key, t) for key in ("input", "output") for t in SPECIAL_TOKENS if t in row[key]), None)
+def control_token_in(texts: dict[str, str]) -> tuple[str, str] | None:
+    """(label, token): the first of guppy's special tokens written out in one of a conversation's texts ({label:
+    text}: a row's "input" and "output", or a multi-turn conversation's turns), else None. Training text holds them
+    only where the template puts them: the tokenizer would turn a written "<|im_end|>" into the real token and end
+    the turn there, while chat encodes the same characters typed by a user as text."""
+    return next(((label, t) for label, text in texts.items() for t in SPECIAL_TOKENS if t in text), None)
+
+
+def row_texts(row: dict) -> dict[str, str]:
+    """A row's texts for control_token_in, labelled as the row names them."""
+    return {'"input"': row["input"], '"output"': row["output"]}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -144,9 +150,9 @@ def conversation_row(obj) -> dict:
         raise ValueError(f"expected a JSON object, one of: {JSONL_FORMATS}")
     category = str(obj.get("category", "unknown"))
     if isinstance(obj.get("input"), str) and isinstance(obj.get("output"), str):
-        found = control_token_in(obj)
+        found = control_token_in(row_texts(obj))
         if found:
-            raise ValueError(f"\"{found[0]}\" contains {found[1]}, one of guppy's control tokens, which only the chat "
+            raise ValueError(f"{found[0]} contains {found[1]}, one of guppy's control tokens, which only the chat "
                              "template may place; remove it from the text")
         return {"input": obj["input"], "output": obj["output"], "category": category}
     if "messages" in obj:
@@ -163,11 +169,10 @@ def conversation_row(obj) -> dict:
     if not turns or turns != ["user", "assistant"] * (len(turns) // 2):
         raise ValueError(f"{where} has the turns {', '.join(roles) or 'none'}; expected user, assistant, user, ..., "
                          "ending with the assistant's reply, after at most one system message")
-    for i, m in enumerate(messages):
-        token = next((t for t in SPECIAL_TOKENS if t in m["content"]), None)
-        if token:
-            raise ValueError(f"{where}: turn {i + 1} ({m['role']}) contains {token}, one of guppy's control tokens, "
-                             "which only the chat template may place; remove it from the text")
+    found = control_token_in({f"{where}: turn {i + 1} ({m['role']})": m["content"] for i, m in enumerate(messages)})
+    if found:
+        raise ValueError(f"{found[0]} contains {found[1]}, one of guppy's control tokens, which only the chat "
+                         "template may place; remove it from the text")
     row = {"input": messages[-2]["content"], "output": messages[-1]["content"], "category": category}
     if len(messages) > 2:
         row["context"] = [{"role": m["role"], "content": m["content"]} for m in messages[:-2]]
@@ -309,7 +314,7 @@ def _prepare_into(tmp, samples, persona_path, seed, eval_fraction, from_jsonl, v
         persona = persona_lib.load_persona(persona_path)
         train_rows, eval_rows, stats = persona_lib.generate_dataset(persona, samples, seed, eval_fraction)
         for row in train_rows + eval_rows:
-            found = control_token_in(row)
+            found = control_token_in(row_texts(row))
             if found:
                 raise GuppyError(f"{persona.path}: topic {row['category']!r} wrote {found[1]}, one of guppy's control "
                                  f"tokens, which only the chat template may place ({row['input']!r} -> "

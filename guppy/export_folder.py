@@ -56,6 +56,7 @@ import time
 from guppy import hf
 from guppy.checkpoint import fsync_dir
 from guppy.errors import GuppyError, one_line
+from guppy.runlock import EXPORT_KIND, folder_kind
 
 MANIFEST = ".guppy-export.json"   # the export's record of itself: its files with their sha256, the run's fingerprint
 WORK_PREFIX = ".guppy-export-"    # PARENT/.guppy-export-XXXX/: an export being built; PARENT/.guppy-export-NAME.lock
@@ -66,9 +67,6 @@ STALE_WORK_S = 600                # a work folder without a journal (an older gu
 ONNX_FILES = ("model.onnx", "tokenizer.json", "persona.json", "config.json", "README.md", "index.html", "chat.js",
               "tokenizer.js", "runtime.json")
 HF_FILES = hf.FILES
-# What makes a folder a run or a checkpoint (guppy/checkpoint.py) or a dataset (guppy/data.py): never an export's
-RUN_FILES = ("checkpoints", "latest.json", "best.json", "state.json", "metrics.jsonl")
-DATASET_FILES = ("meta.json", "train.jsonl", "eval.jsonl", "train.tokens.npy", "eval.tokens.npy")
 
 
 @contextlib.contextmanager
@@ -138,11 +136,10 @@ def inspect_target(out_dir: str, force: bool, writes: set[str]) -> set[str]:
     names = set(os.listdir(out_dir))
     if not names:
         return set()
-    for what, marks in (("a training run or checkpoint", RUN_FILES), ("a prepared dataset", DATASET_FILES)):
-        found = [n for n in marks if n in names]
-        if found:
-            raise GuppyError(f"{out_dir}: holds {what} ({', '.join(found[:3])}), not an earlier export; an export "
-                             "never replaces it: choose another --out")
+    kind = folder_kind(out_dir)  # a run, a checkpoint or a dataset (runlock.KINDS)
+    if kind and kind[0] != EXPORT_KIND:
+        raise GuppyError(f"{out_dir}: holds {kind[0]} ({', '.join(kind[1][:3])}), not an earlier export; an export "
+                         "never replaces it: choose another --out")
     ours = export_files(out_dir)
     if ours is None:
         raise GuppyError(f"{out_dir}: not empty and not an earlier export (no {MANIFEST}, nor the model.onnx, "

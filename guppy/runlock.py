@@ -27,14 +27,17 @@ LOCK_NAME = ".lock"
 PROBE_WAIT_S = 0.5  # how long a training that finds the lock taken waits before it is refused (see held_by)
 
 
-# What each kind of guppy folder holds that no other kind does (guppy/data.py, guppy/train.py, guppy/export_folder.py).
+# What each kind of guppy folder holds that no other kind does (guppy/data.py, guppy/train.py, guppy/checkpoint.py,
+# guppy/export_folder.py): one table, read by train and prepare (refuse_foreign) and by export (inspect_target).
 # A run also keeps tokenizer.json and persona.json, copies of its data's, so those two tell nothing.
 KINDS = {
     "a prepared dataset": ("meta.json", "train.jsonl", "eval.jsonl", "train.tokens.npy", "train.offsets.npy",
                            "train.prompt_len.npy", "eval.tokens.npy", "eval.offsets.npy", "eval.prompt_len.npy"),
     "a training run": ("checkpoints", "latest.json", "best.json", "metrics.jsonl"),
+    "a checkpoint": ("state.json", "state.safetensors"),  # RUN/checkpoints/step-N/; its model files are an HF export's
     "an export": (".guppy-export.json", "model.onnx", "index.html"),
-}
+}  # in this order: a dataset or a run with a model.onnx copied into it is still a dataset or a run
+EXPORT_KIND = "an export"
 OWN_KIND = {"a training": "a training run", "a prepare": "a prepared dataset"}
 
 

@@ -917,6 +917,18 @@ def test_prepare_out_a_run_folder_is_refused_even_with_force(run, tmp_path):
     assert not os.path.exists(os.path.join(r, "meta.json"))
 
 
+@pytest.mark.parametrize("command", ["train", "prepare"])
+def test_train_or_prepare_out_a_checkpoint_folder_is_refused(run, data, tmp_path, command):
+    """A checkpoint folder (RUN/checkpoints/step-N) is no run: training into it would have made a new run inside the
+    old one, and prepare would have written a dataset over its config.json's neighbours."""
+    ckpt = checkpoint_dirs(copy_run(run, tmp_path / "r"))[-1]
+    names = sorted(os.listdir(ckpt))
+    args = {"train": ["train", "--data", data, "--out", ckpt, "--preset", "tiny", "--max-steps", "1", "--quiet"],
+            "prepare": ["prepare", "--out", ckpt, "--samples", "200", "--force"]}[command]
+    refused(args, [ckpt], f"{ckpt}: holds a checkpoint (state.json", "choose another --out")
+    assert sorted(os.listdir(ckpt)) == names
+
+
 def test_prepare_out_an_export_folder_is_refused_even_with_force(tmp_path):
     exp = fake_export(tmp_path / "exp", "model.onnx", "index.html")
     refused(["prepare", "--out", exp, "--samples", "200", "--force"], [exp], f"{exp}: holds an export (model.onnx",
