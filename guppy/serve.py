@@ -15,6 +15,7 @@ What it exposes, and to whom (the rules; tests/test_serve.py holds one test per 
 - only regular files whose real path (symlinks resolved) is inside the folder's real path, and none whose path has a
   component starting with "." (.git, .env): a symlink out of the folder, a FIFO or a device is 404, as if absent.
 - no directory listings: a folder request serves that folder's index.html (`/` serves the page), or is 404.
+- a connection that sends or takes nothing for REQUEST_TIMEOUT_S is closed, with one log line.
 To share the page, put the folder on any static host instead.
 """
 from __future__ import annotations
@@ -35,6 +36,9 @@ from guppy.errors import GuppyError
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 MAX_PATH = 2048  # no file of an export has a path near this; longer is a malformed or hostile request
+# seconds a connection may go without sending or taking a byte; a client that opens one and says nothing (or stops
+# reading mid-file) would otherwise hold a thread forever. Per socket operation, so a big file still downloads.
+REQUEST_TIMEOUT_S = 30.0
 # a client that goes away mid-response: a cancelled download, a closed tab, a reload
 GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -73,6 +77,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     # errors in plain text: short, and nothing of the request is echoed into an HTML page
     error_message_format = "%(code)d %(message)s: %(explain)s\n"
     error_content_type = "text/plain; charset=utf-8"
+    timeout = REQUEST_TIMEOUT_S  # socketserver sets it on the connection; a silent client gets one log line
 
     def end_headers(self):
         self.send_header("Cache-Control", "no-store")

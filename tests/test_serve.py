@@ -245,6 +245,25 @@ def test_aborted_download_is_one_line_without_traceback(folder, capfd):
         assert request(server, "/")[0] == 200
 
 
+def test_a_silent_connection_is_closed_after_the_timeout(folder, capfd, monkeypatch):
+    """A client that connects and sends nothing held its thread forever; now the server closes it after
+    REQUEST_TIMEOUT_S (shortened here), says so in one line, and goes on serving."""
+    from guppy import serve
+    assert serve.Handler.timeout is not None and 0 < serve.Handler.timeout <= 60  # the stock handler's is None
+    monkeypatch.setattr(serve.Handler, "timeout", 0.5)
+    with running(folder) as server:
+        capfd.readouterr()
+        s = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
+        start = time.monotonic()
+        s.sendall(b"GET /index.html HTTP/1.1\r\n")  # half a request, then silence
+        assert s.recv(4096) == b""  # closed by the server, not by the client's own 10 s timeout
+        assert time.monotonic() - start < 5
+        s.close()
+        err = stderr_after(capfd)
+        assert "timed out" in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert request(server, "/")[0] == 200
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # which folder
 
