@@ -23,7 +23,7 @@ def main(argv=None):
     s = sub.add_parser("host", help="the host side of guppy-9m-fast's loop on this CPU: batches, syncs, evals, "
                        "saves, builds")
     s.add_argument("--data", help="prepared data folder (default: 60,000 fresh conversations from the fish, timed)")
-    s.add_argument("--steps", type=int, help="loop steps (default: the preset's 1,500)")
+    s.add_argument("--steps", type=int, help="loop steps (default: the preset's, 1,000)")
     s.add_argument("--no-builds", action="store_true", help="skip the cold csrc build and Triton compiles (CI)")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--out", metavar="DIR|FILE.json", help="a folder for host-<device>-<date>.json, or a .json path "

@@ -32,13 +32,17 @@ from guppy.train import train
 from .common import RESULTS_DIR, environment, prepared_data, pyplot, slug, write_result
 from .reference_curve import data_fingerprint, proxy_configs, read_target
 
-# name -> overrides of BASE, the recipe guppy-9m-fast had before this sweep (AdamW 6e-4 -> 6e-5 cosine, 100 warm-up,
-# dropout 0.1), in the goal's 1,500 steps: TrainConfig fields, and the model's `dropout`. Everything else (32 packed
-# rows, the kernels, CUDA graphs) is the guppy-9m-fast preset's. Learning rates are full-size values; min_lr = lr / 10.
+# name -> overrides of BASE, the recipe guppy-9m-fast had before issue 12's sweep (AdamW 6e-4 -> 6e-5 cosine, 100
+# warm-up, dropout 0.1), in that goal's 1,500 steps: TrainConfig fields, and the model's `dropout`. Everything else
+# (32 packed rows, the kernels, CUDA graphs) is the guppy-9m-fast preset's. BASE names every recipe knob a later
+# preset changed (Muon's lr and momentum, the WSD decay share), so a variant, and a result in bench/results, means the
+# same recipe whatever the preset now says. Learning rates are full-size values; min_lr = lr / 10.
 # "guppy-9m-fast" is the preset as it ships, untouched.
 BASE = dict(max_steps=1500, optimizer="adamw", schedule="cosine", lr=6e-4, min_lr=6e-5, warmup_steps=100,
-            weight_decay=0.1, dropout=0.1)
-SHIPPED = dict(dropout=0.0, optimizer="muon", muon_lr=0.02, lr=2.4e-3, min_lr=2.4e-4)  # = guppy-9m-fast's recipe
+            weight_decay=0.1, dropout=0.1, muon_lr=0.02, muon_momentum=0.95, decay_fraction=0.2)
+SHIPPED = dict(dropout=0.0, optimizer="muon", muon_lr=0.02, lr=2.4e-3, min_lr=2.4e-4)  # guppy-9m-fast after issue 12
+# guppy-9m-fast after issue 20: the full-size confirmation's winner (notes/recipe.md), the preset's recipe since
+ISSUE_20_WINNER = "muon-1000-mom0.9-lr0.01-wsd0.4-0"
 VARIANTS: dict[str, dict | None] = {
     "guppy-9m-fast": None,
     "fast-3000": dict(max_steps=3000),                              # the old preset, at its own length
@@ -96,8 +100,8 @@ VARIANTS: dict[str, dict | None] = {
     "muon-650-mom0.9-lr0.01-wsd0.4-0": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01, schedule="wsd",
                                             decay_fraction=0.4, min_lr=0.0),
 }
-# the knobs a variant's line names when they differ from the shipped preset's
-LEVER_DEFAULTS = {k: getattr(preset("guppy-9m-fast")[1], k) for k in (
+# the knobs a variant's line names when they differ from SHIPPED's (issue 12's recipe)
+LEVER_DEFAULTS = {k: BASE.get(k, getattr(TrainConfig(), k)) for k in (
     "warmup_steps", "muon_momentum", "decay_fraction", "ema_decay", "ema_start", "embed_lr_ratio", "resid_init_scale",
     "z_loss")}
 SMOKE_VOCAB = 512

@@ -171,14 +171,15 @@ PRESETS: dict[str, tuple[dict, dict]] = {
     ),
     # The fast path (issue: the 5-minute budget): guppy's kernels, packed rows, the step as one CUDA graph, metrics
     # read back every 50 steps. A packed row of 128 tokens holds ~3 conversations, so a step sees ~3x GuppyLM's data.
-    # The recipe is the best of the recipe sweep (notes/recipe.md, `python -m bench recipe`): Muon on the hidden
-    # matrices, AdamW 2.4e-3 on the rest, no dropout, 1,500 steps (issue 12's goal: GuppyLM's final eval loss in
-    # under half its conversations). fused_adamw applies when optimizer is "adamw".
+    # The recipe is the best of the recipe sweeps (notes/recipe.md, `python -m bench recipe`): Muon (lr 0.01,
+    # momentum 0.9) on the hidden matrices, AdamW 2.4e-3 on the rest, no dropout, flat after 100 warm-up steps and
+    # linear to 0 over the last 40 % (WSD), 1,000 steps: GuppyLM's final eval loss from 31 % of its conversations
+    # (issue 20; bench/recipe.py's ISSUE_20_WINNER). fused_adamw applies when optimizer is "adamw".
     "guppy-9m-fast": (
         dict(ops="auto", dropout=0.0),
-        dict(batch_size=32, max_steps=1500, lr=2.4e-3, min_lr=2.4e-4, warmup_steps=100, batch_mode="packed",
-             optimizer="muon", muon_lr=0.02, fused_adamw=True, cuda_graphs=True, log_every=50, eval_every=250,
-             save_every=1000),
+        dict(batch_size=32, max_steps=1000, lr=2.4e-3, min_lr=0.0, warmup_steps=100, batch_mode="packed",
+             optimizer="muon", muon_lr=0.01, muon_momentum=0.9, schedule="wsd", decay_fraction=0.4,
+             fused_adamw=True, cuda_graphs=True, log_every=50, eval_every=250, save_every=1000),
     ),
     # For tests: seconds on a CPU.
     "tiny": (

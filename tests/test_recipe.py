@@ -508,3 +508,30 @@ def test_every_variant_builds_at_both_sizes_and_gpt2_init_follows_the_depth():
     assert variant_configs("muon-650-gpt2init", "full")[1].resid_init_scale == pytest.approx(12 ** -0.5)
     model_cfg, cfg = variant_configs("muon-rows64-325", "full")
     assert (cfg.batch_size, cfg.max_steps, cfg.optimizer, model_cfg.dropout) == (64, 325, "muon", 0.0)
+
+
+def test_the_fast_preset_is_the_measured_winner_and_old_variants_keep_their_recipe():
+    """guppy-9m-fast ships the recipe bench/results/recipe-full-levers.json measured (ISSUE_20_WINNER): every
+    TrainConfig field equal but the bench's own eval and save cadence. And a variant named before the preset changed
+    still runs the recipe it ran then (Muon lr 0.02, momentum 0.95, cosine over 1,500 steps), whatever the preset
+    says now: its result in bench/results keeps its meaning."""
+    from bench.recipe import ISSUE_20_WINNER, variant_configs
+    from guppy.config import preset
+
+    model_cfg, cfg = preset("guppy-9m-fast")
+    won_model, won = variant_configs(ISSUE_20_WINNER, "full")
+    bench_only = {"eval_every", "eval_batches", "save_every"}
+    assert {k: v for k, v in cfg.to_dict().items() if k not in bench_only} == \
+        {k: v for k, v in won.to_dict().items() if k not in bench_only}
+    assert model_cfg == won_model
+    with open(os.path.join(ROOT, "bench", "results", "recipe-full-levers.json")) as f:
+        measured = {v["name"]: v for v in json.load(f)["variants"]}[ISSUE_20_WINNER]
+    assert (measured["max_steps"], measured["muon_lr"], measured["schedule"]) == (cfg.max_steps, cfg.muon_lr,
+                                                                               cfg.schedule)
+    assert measured["steps_to_target"] is not None and measured["steps_to_target"] <= 1000
+    assert measured["keyword_hit_rate"] >= 0.951
+
+    old = variant_configs("muon-650", "full")[1]
+    assert (old.muon_lr, old.muon_momentum, old.schedule, old.decay_fraction, old.min_lr, old.max_steps) == \
+        (0.02, 0.95, "cosine", 0.2, 2.4e-4, 650)
+    assert variant_configs("fast", "full")[1].max_steps == 1500
