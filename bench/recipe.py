@@ -99,11 +99,23 @@ VARIANTS: dict[str, dict | None] = {
                                      min_lr=0.0),
     "muon-650-mom0.9-lr0.01-wsd0.4-0": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01, schedule="wsd",
                                             decay_fraction=0.4, min_lr=0.0),
+    # the last two levers, on top of that combination: a batch-size ramp (a quarter, then half the rows, over the
+    # first 100 or 200 steps) and a length curriculum (the first 10 % or 30 % of epoch 0, shortest first)
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-ramp100": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
+                                                    schedule="wsd", decay_fraction=0.4, min_lr=0.0,
+                                                    batch_ramp_steps=100),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-ramp200": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
+                                                    schedule="wsd", decay_fraction=0.4, min_lr=0.0,
+                                                    batch_ramp_steps=200),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-short0.1": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
+                                                     schedule="wsd", decay_fraction=0.4, min_lr=0.0, curriculum=0.1),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-short0.3": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
+                                                     schedule="wsd", decay_fraction=0.4, min_lr=0.0, curriculum=0.3),
 }
 # the knobs a variant's line names when they differ from SHIPPED's (issue 12's recipe)
 LEVER_DEFAULTS = {k: BASE.get(k, getattr(TrainConfig(), k)) for k in (
     "warmup_steps", "muon_momentum", "decay_fraction", "ema_decay", "ema_start", "embed_lr_ratio", "resid_init_scale",
-    "z_loss")}
+    "z_loss", "batch_ramp_steps", "curriculum")}
 SMOKE_VOCAB = 512
 SCHEMA_VARIANT_KEYS = ("name", "steps_to_target", "conversations_to_target", "seconds_to_target", "final_eval_loss",
                        "keyword_hit_rate")

@@ -97,14 +97,19 @@ class TrainConfig:
     embed_lr_ratio: float = 1.0      # AdamW's lr on tok_emb / pos_emb (and the head tied to them), as a ratio of lr
     resid_init_scale: float = 1.0    # init std of attn.out / ffn.down is 0.02 times this (GPT-2: 1/sqrt(2 n_layers))
     z_loss: float = 0.0              # + z_loss * mean logsumexp(logits)^2 on the training loss (eval: plain CE)
+    batch_ramp_steps: int = 0        # > 0: batch_size // 4 rows for the first half of these steps, // 2 for the rest
+    curriculum: float = 0.0          # this share of epoch 0's conversations comes first, shortest first
 
     def __post_init__(self):
         _check(self, positive_ints=("batch_size", "max_steps", "eval_every", "log_every", "save_every"),
-               non_negative_ints=("warmup_steps", "eval_batches", "seed"),
+               non_negative_ints=("warmup_steps", "eval_batches", "seed", "batch_ramp_steps"),
                positive=("lr", "grad_clip", "embed_lr_ratio", "resid_init_scale"),
-               non_negative=("min_lr", "weight_decay", "z_loss"), fractions=("ema_decay", "ema_start"),
+               non_negative=("min_lr", "weight_decay", "z_loss"), fractions=("ema_decay", "ema_start", "curriculum"),
                bools=("decay_all", "compile", "fused_adamw", "cuda_graphs"),
                choices={"batch_mode": ("pad", "packed"), "loss_on": ("all", "assistant")})
+        if self.batch_ramp_steps and self.batch_size < 4:
+            raise ConfigError(f"batch_ramp_steps={self.batch_ramp_steps} needs batch_size >= 4 (the ramp starts at "
+                              f"a quarter of it), not {self.batch_size}")
         if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
                 and all(_is_number(b) and 0 <= b < 1 for b in self.betas)):
             raise ConfigError(f"betas={self.betas!r}: must be two numbers in [0, 1)")

@@ -515,12 +515,14 @@ class Batcher:
     """
 
     def __init__(self, split: Split, batch_size: int, max_seq_len: int, mode: str = "pad", assistant_only=False,
-                 seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+                 seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                 curriculum: float = 0.0):
         if mode not in ("pad", "packed"):
             raise GuppyError(f"unknown batch mode {mode!r}; choose pad or packed")
         self.split, self.batch_size, self.max_seq_len, self.mode = split, batch_size, max_seq_len, mode
         self.assistant_only, self.seed, self.shuffle = assistant_only, seed, shuffle
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
+        self.curriculum = curriculum  # TrainConfig.curriculum: see _permutation
         self.epoch, self.cursor = 0, 0
         self._orders: dict[int, list[int]] = {}  # epoch -> this rank's conversations in order (current, next)
         lengths = np.diff(split.offsets)
@@ -535,10 +537,18 @@ class Batcher:
 
     def _permutation(self, epoch: int) -> list[int]:
         """This rank's conversations of `epoch`, in order: drawn once per epoch (and kept for the next epoch's first
-        peek), as a list because the packer reads it one Python int at a time."""
+        peek), as a list because the packer reads it one Python int at a time.
+        With a curriculum c > 0, epoch 0's first round(c·n) conversations are the same ones, sorted by length,
+        shortest first (stable: equal lengths keep their drawn order); the rest of epoch 0 and every later epoch are
+        as drawn. A sequence-length warm-up: short conversations first, several to a packed row. Derived from (seed,
+        epoch) alone, before the ranks take their share, so every rank agrees and a resume is exact."""
         if epoch not in self._orders:
             n = len(self.split)
             order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            head = round(self.curriculum * n) if epoch == 0 else 0
+            if head:
+                lengths = np.asarray(self._lengths)[order[:head]]
+                order = np.concatenate([order[:head][np.argsort(lengths, kind="stable")], order[head:]])
             self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
             self._orders[epoch] = order[self.rank::self.world_size].tolist()
         return self._orders[epoch]

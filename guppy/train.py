@@ -94,7 +94,7 @@ def param_groups(model, weight_decay: float, decay_all: bool):
 def uses_cuda_graphs(cfg: TrainConfig, device, world_size: int = 1) -> bool:
     """Graphs need one static batch shape (packed mode), a CUDA device, and no other wrapper around the step."""
     return cfg.cuda_graphs and device.type == "cuda" and cfg.batch_mode == "packed" and world_size == 1 \
-        and not cfg.compile
+        and not cfg.compile and not cfg.batch_ramp_steps  # a ramp changes the shape: one graph each, not built yet
 
 
 def muon_param_groups(model, cfg: TrainConfig, lr_tensor=None):
@@ -180,6 +180,17 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         progress = min(1.0, max(0.0, (step - (cfg.max_steps - decay_steps)) / decay_steps))
         return cfg.lr + (cfg.min_lr - cfg.lr) * progress
     raise ValueError(f"unknown schedule {cfg.schedule!r}; choose cosine, linear or wsd")
+
+
+def batch_rows_at(step: int, cfg: TrainConfig) -> int:
+    """cfg.batch_ramp_steps (N): the rows of the batch at `step`: batch_size // 4 for steps [0, N/2), batch_size // 2
+    for [N/2, N), then batch_size. Doubling stages rather than a smooth ramp, because a GPU would capture one CUDA
+    graph per batch shape: three at most (not built yet; a ramped run steps eagerly). The learning rate is not
+    rescaled with the batch: the schedule is the run's as it would be without the ramp."""
+    n = cfg.batch_ramp_steps
+    if step >= n:
+        return cfg.batch_size
+    return max(1, cfg.batch_size // (4 if step < n // 2 else 2))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -489,7 +500,7 @@ def start_run(data: TrainData, out_dir: str, model_cfg: ModelConfig | None, cfg:
               torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
               Batcher(data.train, cfg.batch_size, model_cfg.max_seq_len, cfg.batch_mode,
                       assistant_only=cfg.loss_on == "assistant", seed=cfg.seed, rank=rank, world_size=world,
-                      pin_memory=dev.type == "cuda"),
+                      pin_memory=dev.type == "cuda", curriculum=cfg.curriculum),
               amp_dtype, graphs, record={"preset": preset, "data": data.fingerprint})
     run.ema = WeightAverage(model, cfg) if cfg.ema_decay else None
     if state is not None:
@@ -761,6 +772,8 @@ def train_loop(run: Run, data: TrainData, out_dir: str, dev, rank: int = 0, worl
         while step < end_step and not stop.requested and not stop_requested_by_eval:
             lr = lr_at(step, cfg)
             set_lr(optimizer, lr)
+            if cfg.batch_ramp_steps:
+                batcher.batch_size = batch_rows_at(step, cfg)
             batch = batcher.next_batch()
             n_tokens = batch.n_targets()
             tokens_window += n_tokens

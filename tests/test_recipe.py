@@ -535,3 +535,87 @@ def test_the_fast_preset_is_the_measured_winner_and_old_variants_keep_their_reci
     assert (old.muon_lr, old.muon_momentum, old.schedule, old.decay_fraction, old.min_lr, old.max_steps) == \
         (0.02, 0.95, "cosine", 0.2, 2.4e-4, 650)
     assert variant_configs("fast", "full")[1].max_steps == 1500
+
+
+# --- batch-size ramp and conversation order (issue 20's last two levers) --------------------------------------------
+def test_batch_rows_double_in_stages_over_the_ramp():
+    from guppy.train import batch_rows_at
+    cfg = TrainConfig(batch_size=32, batch_ramp_steps=100)
+    assert [batch_rows_at(s, cfg) for s in (0, 49, 50, 99, 100, 5000)] == [8, 8, 16, 16, 32, 32]
+    cfg = TrainConfig(batch_size=6, batch_ramp_steps=5)  # odd sizes: floor, halves at 5 // 2 = 2
+    assert [batch_rows_at(s, cfg) for s in range(7)] == [1, 1, 3, 3, 3, 6, 6]
+    assert all(batch_rows_at(s, TrainConfig(batch_size=32)) == 32 for s in (0, 1, 10 ** 6))  # off
+
+
+def test_a_ramped_run_draws_the_ramps_rows_and_counts_what_it_drew(data_dir, tmp_path):
+    from guppy.data import Batcher
+    drawn = []
+    real_next = Batcher.next_batch
+
+    def recording(self):
+        b = real_next(self)
+        if self.mode == "packed":  # the run's batches; the evals' are pad batches of their own Batcher
+            drawn.append((b.idx.shape[0], b.n_conversations))
+        return b
+
+    cfg = lever_cfg(batch_ramp_steps=8, ema_decay=0.0, z_loss=0.0, max_steps=12)
+    run = str(tmp_path / "run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Batcher, "next_batch", recording)
+        train(data_dir, run, ModelConfig(**MINI, dropout=0.0), cfg, device="cpu", progress=False, log=quiet)
+    assert [rows for rows, _ in drawn] == [2] * 4 + [4] * 4 + [8] * 4
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        last = [m for m in map(json.loads, f) if "conversations" in m][-1]
+    assert last["step"] == 12 and last["conversations"] == sum(n for _, n in drawn)
+
+
+def test_curriculum_puts_the_same_conversations_first_shortest_first(data_dir):
+    import numpy as np
+
+    from guppy.data import Batcher, load_split
+    split = load_split(data_dir, "train")
+    n = len(split)
+    plain = Batcher(split, 8, 64, "packed", seed=5)
+    for c in (0.1, 0.37):
+        ordered = Batcher(split, 8, 64, "packed", seed=5, curriculum=c)
+        head = round(c * n)
+        a, b = ordered._permutation(0), plain._permutation(0)
+        lengths = np.minimum(np.diff(split.offsets), 64)
+        assert set(a[:head]) == set(b[:head]) and a[head:] == b[head:]
+        assert (np.diff(lengths[a[:head]]) >= 0).all() and not (np.diff(lengths[b[:head]]) >= 0).all()
+        assert ordered._permutation(1) == plain._permutation(1)  # later epochs as drawn
+        ranks = [Batcher(split, 8, 64, "packed", seed=5, curriculum=c, rank=r, world_size=2)._permutation(0)
+                 for r in (0, 1)]
+        assert ranks[0] == a[0::2] and ranks[1] == a[1::2]  # the ranks split one order: disjoint, all of it
+    assert Batcher(split, 8, 64, "packed", seed=5, curriculum=0.0)._permutation(0) == plain._permutation(0)
+
+
+def test_resume_is_exact_mid_ramp_with_a_curriculum(data_dir, tmp_path):
+    def metrics(run):
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            return {(m["step"], k): m[k] for m in map(json.loads, f)
+                    for k in ("train_loss", "eval_loss", "conversations") if k in m}
+
+    cfg = dict(batch_ramp_steps=10, curriculum=0.3)
+    full, pieces = str(tmp_path / "full"), str(tmp_path / "pieces")
+    train(data_dir, full, ModelConfig(**MINI, dropout=0.1), lever_cfg(**cfg), device="cpu", progress=False, log=quiet)
+    train(data_dir, pieces, ModelConfig(**MINI, dropout=0.1), lever_cfg(**cfg), device="cpu", stop_at_step=7,
+          progress=False, log=quiet)  # in the ramp's second stage, inside the curriculum
+    train(data_dir, pieces, None, None, device="cpu", resume=True, progress=False, log=quiet)
+    assert metrics(full) == metrics(pieces)
+
+
+@pytest.mark.parametrize("bad", [dict(batch_ramp_steps=-1), dict(batch_ramp_steps=1.5),
+                                 dict(batch_ramp_steps=10, batch_size=3), dict(curriculum=-0.1),
+                                 dict(curriculum=1.0), dict(curriculum=float("nan"))])
+def test_ramp_and_curriculum_values_are_checked(bad):
+    from guppy.config import ConfigError
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        TrainConfig(**bad)
+
+
+def test_a_ramped_run_does_not_capture_a_cuda_graph():
+    from guppy.train import uses_cuda_graphs
+    cuda = torch.device("cuda")  # only its type is read
+    fast = TrainConfig(cuda_graphs=True, batch_mode="packed")
+    assert uses_cuda_graphs(fast, cuda) and not uses_cuda_graphs(dataclasses.replace(fast, batch_ramp_steps=100), cuda)
