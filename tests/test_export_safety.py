@@ -100,10 +100,6 @@ def wait_for(predicate, proc, timeout=300):
         time.sleep(0.02)
 
 
-def export_cmd(run, out, *extra):
-    return [sys.executable, "-m", "guppy", "export", "--checkpoint", run, "--out", out, *extra]
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Data loss
 # --------------------------------------------------------------------------------------------------------------------
@@ -135,9 +131,12 @@ def test_force_into_a_run_or_a_dataset_is_refused(shared, tmp_path, what):
 
 def test_a_file_written_into_the_folder_during_the_export_is_kept(shared, tmp_path):
     out = copy_export(shared, tmp_path / "site")
-    proc = subprocess.Popen(quick_export(shared, out, "--force"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    go = tmp_path / "go"  # the quick export holds after its model.onnx until this exists: no race with a fast disk
+    proc = subprocess.Popen(quick_export(shared, out, "--force", kill_at="wait-for-" + str(go)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(lambda: any(os.path.isdir(tmp_path / n) for n in leftovers(str(tmp_path))), proc)
     (tmp_path / "site" / "written-during.txt").write_bytes(b"mine")   # while the export builds beside the folder
+    go.write_bytes(b"")
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.decode()
     assert (tmp_path / "site" / "written-during.txt").read_bytes() == b"mine"
@@ -193,9 +192,10 @@ def test_force_replaces_only_the_files_the_earlier_export_listed(tmp_path):
 
 
 # The real command with the graph export replaced by a copy of a finished model.onnx (the minute of torch.onnx is not
-# what these tests are about), killed (SIGKILL) at a point of the swap, or not at all ("none")
+# what these tests are about), killed (SIGKILL) at a point of the swap, held until a file exists ("wait-for-PATH"),
+# or left alone ("none")
 QUICK = r"""
-import os, shutil, signal, sys
+import os, shutil, signal, sys, time
 import guppy.export as E
 import guppy.export_folder as F
 
@@ -209,6 +209,13 @@ elif point == "after-exchange":
     F._exchange = lambda a, b: (exchange(a, b), die())
 elif point == "during-merge":
     F._merge_back = die
+elif point.startswith("wait-for-"):  # not killed: it holds after its model.onnx until the file named exists
+    go, copy_model = point[len("wait-for-"):], E.export_onnx
+    def copy_then_wait(m, path, log=print):
+        copy_model(m, path)
+        while not os.path.exists(go):
+            time.sleep(0.02)
+    E.export_onnx = copy_then_wait
 elif point == "between-renames":   # a system without an atomic exchange: the two renames, killed between them
     F._exchange = lambda a, b: False
     rename = os.rename
@@ -228,11 +235,13 @@ def test_kill_9_leaves_the_old_or_the_new_export_and_the_next_export_cleans_up(s
     parent = str(tmp_path)
     ids = {manifest(out)["id"]}
 
-    # killed while it builds (from outside, as a user would): the folder is the old export, untouched
+    # killed while it builds (from outside, as a user would; held there, so that it cannot finish first): the folder
+    # is the old export, untouched
     before = checksums(out)
-    proc = subprocess.Popen(export_cmd(shared["run"], out, "--force"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(lambda: any(os.path.isdir(os.path.join(parent, n)) for n in leftovers(parent)), proc)
-    time.sleep(1.0)
+    never = os.path.join(parent, "never-written")
+    proc = subprocess.Popen(quick_export(shared, out, "--force", kill_at="wait-for-" + never),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: any(os.path.isfile(os.path.join(parent, n, "model.fp32.onnx")) for n in leftovers(parent)), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert checksums(out) == before
