@@ -276,19 +276,72 @@ def test_a_runtime_file_missing_from_the_folder_says_export_again(offline_browse
     assert send == LOOKS_DISABLED
 
 
-def test_a_config_that_is_not_the_models_is_said_in_the_chat_area(page, offline_browser, tmp_path):
+@pytest.mark.parametrize("key", ["n_layers", "max_seq_len"])
+def test_a_config_that_is_not_the_models_is_said_in_the_chat_area(page, offline_browser, tmp_path, key):
     """config.json of another shape beside model.onnx (two exports mixed, or an edit): the page used to say "ready"
-    and leave the first reply at "…", with the error in the console only."""
+    and leave the first reply at "…", with the error in the console only. A wrong max_seq_len runs the first call
+    with the right shapes: only the model's own record (its metadata) tells."""
     _, _, root = page
     folder = str(tmp_path / "mixed")
     shutil.copytree(os.path.join(root, "export"), folder)
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({**config, "n_layers": config["n_layers"] + 1}, f)
+        json.dump({**config, key: config[key] + 1}, f)
     text, send = served(folder, offline_browser)
     assert "config.json is not this model's" in text and "guppy export --checkpoint RUN --out DIR --force" in text
+    assert f"{key} {config[key] + 1}" in text
     assert send == LOOKS_DISABLED
+
+
+def test_a_tokenizer_from_another_dataset_of_the_same_size_is_said_in_the_chat_area(page, offline_browser, tmp_path):
+    """The same vocabulary size runs without an error and answers in garbage; `guppy chat` on the folder refuses it
+    (tests/test_export_safety.py), and so does the page, by the sha256 model.onnx records."""
+    from guppy.data import prepare
+
+    _, _, root = page
+    folder = str(tmp_path / "mixed")
+    shutil.copytree(os.path.join(root, "export"), folder)
+    other = str(tmp_path / "other")
+    prepare(other, samples=600, vocab_size=300, seed=1, log=lambda *a: None)
+    vocab = {}
+    for name, path in (("ours", folder), ("theirs", other)):
+        with open(os.path.join(path, "tokenizer.json"), "rb") as f:
+            vocab[name] = json.load(f)["model"]["vocab"]
+    assert len(vocab["ours"]) == len(vocab["theirs"]) and vocab["ours"] != vocab["theirs"]
+    shutil.copyfile(os.path.join(other, "tokenizer.json"), os.path.join(folder, "tokenizer.json"))
+    text, send = served(folder, offline_browser)
+    assert "tokenizer.json is not the tokenizer model.onnx was exported with" in text
+    assert "guppy export --checkpoint RUN --out DIR --force" in text
+    assert send == LOOKS_DISABLED
+
+
+def test_js_sha256_and_onnx_metadata_equal_python(page):
+    """The page's own SHA-256 against hashlib (lengths around the 64-byte block and its 56-byte padding limit, bytes
+    of every value, the export's tokenizer.json), and its protobuf reading of model.onnx's metadata against
+    onnxruntime's."""
+    import hashlib
+
+    import onnxruntime
+
+    browser, _, root = page
+    rng = random.Random(0)
+    cases = [b"", b"abc", "héllo 🐟".encode()] + [bytes(rng.randrange(256) for _ in range(n))
+                                                  for n in (1, 55, 56, 57, 63, 64, 65, 119, 120, 128, 1000, 70000)]
+    got = browser.eval(f"JSON.stringify({json.dumps([list(c) for c in cases])}.map("
+                       "(b) => guppy.sha256Hex(Uint8Array.from(b))))")
+    assert json.loads(got) == [hashlib.sha256(c).hexdigest() for c in cases]
+
+    fetched = ("(async () => { const r = await fetch(NAME); const b = new Uint8Array(await r.arrayBuffer()); "
+               "return JSON.stringify(WHAT); })()")
+    with open(os.path.join(root, "export", "tokenizer.json"), "rb") as f:
+        want = hashlib.sha256(f.read()).hexdigest()
+    assert browser.eval(fetched.replace("NAME", '"tokenizer.json"').replace("WHAT", "guppy.sha256Hex(b)")) == \
+        json.dumps(want)
+    meta = onnxruntime.InferenceSession(os.path.join(root, "export", "model.onnx")).get_modelmeta().custom_metadata_map
+    assert {"guppy_config", "guppy_tokenizer_sha256"} <= set(meta) and meta["guppy_tokenizer_sha256"] == want
+    got = browser.eval(fetched.replace("NAME", '"model.onnx"').replace("WHAT", "guppy.onnxMetadata(b)"))
+    assert json.loads(got) == dict(meta)
 
 
 def test_opened_from_a_file_the_page_says_to_serve_its_folder(offline_browser, tmp_path):
