@@ -111,6 +111,21 @@ VARIANTS: dict[str, dict | None] = {
                                                      schedule="wsd", decay_fraction=0.4, min_lr=0.0, curriculum=0.1),
     "muon-650-mom0.9-lr0.01-wsd0.4-0-short0.3": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
                                                      schedule="wsd", decay_fraction=0.4, min_lr=0.0, curriculum=0.3),
+    # after the full-size confirmation, toward the 650-step stretch goal: the combination with a longer cool-down,
+    # a lower momentum, the shorter warm-up, and a higher AdamW rate
+    "muon-650-mom0.9-lr0.01-wsd0.6-0": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01, schedule="wsd",
+                                            decay_fraction=0.6, min_lr=0.0),
+    "muon-650-mom0.7-lr0.01-wsd0.4-0": dict(SHIPPED, max_steps=650, muon_momentum=0.7, muon_lr=0.01, schedule="wsd",
+                                            decay_fraction=0.4, min_lr=0.0),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-warmup50": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
+                                                     schedule="wsd", decay_fraction=0.4, min_lr=0.0, warmup_steps=50),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-adam3.6e-3": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
+                                                       schedule="wsd", decay_fraction=0.4, min_lr=0.0, lr=3.6e-3),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-adam4.8e-3": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
+                                                       schedule="wsd", decay_fraction=0.4, min_lr=0.0, lr=4.8e-3),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-adam3.6e-3-warmup50": dict(SHIPPED, max_steps=650, muon_momentum=0.9,
+                                                                muon_lr=0.01, schedule="wsd", decay_fraction=0.4,
+                                                                min_lr=0.0, lr=3.6e-3, warmup_steps=50),
 }
 # the knobs a variant's line names when they differ from SHIPPED's (issue 12's recipe)
 LEVER_DEFAULTS = {k: BASE.get(k, getattr(TrainConfig(), k)) for k in (
