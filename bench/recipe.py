@@ -41,6 +41,8 @@ from .reference_curve import data_fingerprint, proxy_configs, read_target
 BASE = dict(max_steps=1500, optimizer="adamw", schedule="cosine", lr=6e-4, min_lr=6e-5, warmup_steps=100,
             weight_decay=0.1, dropout=0.1, muon_lr=0.02, muon_momentum=0.95, decay_fraction=0.2)
 SHIPPED = dict(dropout=0.0, optimizer="muon", muon_lr=0.02, lr=2.4e-3, min_lr=2.4e-4)  # guppy-9m-fast after issue 12
+# issue 20's proxy winners of one lever each, together: Muon momentum 0.9 and lr 0.01, WSD to 0 over the last 40 %
+COMBO = dict(SHIPPED, muon_momentum=0.9, muon_lr=0.01, schedule="wsd", decay_fraction=0.4, min_lr=0.0)
 # guppy-9m-fast after issue 20: the full-size confirmation's winner (notes/recipe.md), the preset's recipe since
 ISSUE_20_WINNER = "muon-1000-mom0.9-lr0.01-wsd0.4-0"
 VARIANTS: dict[str, dict | None] = {
@@ -86,46 +88,28 @@ VARIANTS: dict[str, dict | None] = {
     # the proxy's winners of one lever each (momentum 0.9, Muon lr 0.01, WSD to 0; notes/recipe.md), together
     "muon-650-mom0.85": dict(SHIPPED, max_steps=650, muon_momentum=0.85),
     "muon-650-mom0.8": dict(SHIPPED, max_steps=650, muon_momentum=0.8),
-    "muon-650-mom0.8-lr0.01-wsd0.4-0": dict(SHIPPED, max_steps=650, muon_momentum=0.8, muon_lr=0.01, schedule="wsd",
-                                            decay_fraction=0.4, min_lr=0.0),
-    # the proxy's best combination, for the full-size confirmation: 1,000 steps, and 64 x 128 at half of 650
-    "muon-1000-mom0.9-lr0.01-wsd0.4-0": dict(SHIPPED, max_steps=1000, muon_momentum=0.9, muon_lr=0.01,
-                                             schedule="wsd", decay_fraction=0.4, min_lr=0.0),
-    "muon-rows64-325-mom0.9-lr0.01-wsd0.4-0": dict(SHIPPED, max_steps=325, batch_size=64, warmup_steps=50,
-                                                   muon_momentum=0.9, muon_lr=0.01, schedule="wsd",
-                                                   decay_fraction=0.4, min_lr=0.0),
+    "muon-650-mom0.8-lr0.01-wsd0.4-0": dict(COMBO, max_steps=650, muon_momentum=0.8),
+    # the proxy's best combination (COMBO), for the full-size confirmation: 1,000 steps, and 64 x 128 at half of 650
+    "muon-1000-mom0.9-lr0.01-wsd0.4-0": dict(COMBO, max_steps=1000),
+    "muon-rows64-325-mom0.9-lr0.01-wsd0.4-0": dict(COMBO, max_steps=325, batch_size=64, warmup_steps=50),
     "muon-650-mom0.9-lr0.01": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01),
     "muon-650-mom0.9-wsd0.4-0": dict(SHIPPED, max_steps=650, muon_momentum=0.9, schedule="wsd", decay_fraction=0.4,
                                      min_lr=0.0),
-    "muon-650-mom0.9-lr0.01-wsd0.4-0": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01, schedule="wsd",
-                                            decay_fraction=0.4, min_lr=0.0),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0": dict(COMBO, max_steps=650),
     # the last two levers, on top of that combination: a batch-size ramp (a quarter, then half the rows, over the
     # first 100 or 200 steps) and a length curriculum (the first 10 % or 30 % of epoch 0, shortest first)
-    "muon-650-mom0.9-lr0.01-wsd0.4-0-ramp100": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
-                                                    schedule="wsd", decay_fraction=0.4, min_lr=0.0,
-                                                    batch_ramp_steps=100),
-    "muon-650-mom0.9-lr0.01-wsd0.4-0-ramp200": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
-                                                    schedule="wsd", decay_fraction=0.4, min_lr=0.0,
-                                                    batch_ramp_steps=200),
-    "muon-650-mom0.9-lr0.01-wsd0.4-0-short0.1": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
-                                                     schedule="wsd", decay_fraction=0.4, min_lr=0.0, curriculum=0.1),
-    "muon-650-mom0.9-lr0.01-wsd0.4-0-short0.3": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
-                                                     schedule="wsd", decay_fraction=0.4, min_lr=0.0, curriculum=0.3),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-ramp100": dict(COMBO, max_steps=650, batch_ramp_steps=100),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-ramp200": dict(COMBO, max_steps=650, batch_ramp_steps=200),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-short0.1": dict(COMBO, max_steps=650, curriculum=0.1),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-short0.3": dict(COMBO, max_steps=650, curriculum=0.3),
     # after the full-size confirmation, toward the 650-step stretch goal: the combination with a longer cool-down,
     # a lower momentum, the shorter warm-up, and a higher AdamW rate
-    "muon-650-mom0.9-lr0.01-wsd0.6-0": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01, schedule="wsd",
-                                            decay_fraction=0.6, min_lr=0.0),
-    "muon-650-mom0.7-lr0.01-wsd0.4-0": dict(SHIPPED, max_steps=650, muon_momentum=0.7, muon_lr=0.01, schedule="wsd",
-                                            decay_fraction=0.4, min_lr=0.0),
-    "muon-650-mom0.9-lr0.01-wsd0.4-0-warmup50": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
-                                                     schedule="wsd", decay_fraction=0.4, min_lr=0.0, warmup_steps=50),
-    "muon-650-mom0.9-lr0.01-wsd0.4-0-adam3.6e-3": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
-                                                       schedule="wsd", decay_fraction=0.4, min_lr=0.0, lr=3.6e-3),
-    "muon-650-mom0.9-lr0.01-wsd0.4-0-adam4.8e-3": dict(SHIPPED, max_steps=650, muon_momentum=0.9, muon_lr=0.01,
-                                                       schedule="wsd", decay_fraction=0.4, min_lr=0.0, lr=4.8e-3),
-    "muon-650-mom0.9-lr0.01-wsd0.4-0-adam3.6e-3-warmup50": dict(SHIPPED, max_steps=650, muon_momentum=0.9,
-                                                                muon_lr=0.01, schedule="wsd", decay_fraction=0.4,
-                                                                min_lr=0.0, lr=3.6e-3, warmup_steps=50),
+    "muon-650-mom0.9-lr0.01-wsd0.6-0": dict(COMBO, max_steps=650, decay_fraction=0.6),
+    "muon-650-mom0.7-lr0.01-wsd0.4-0": dict(COMBO, max_steps=650, muon_momentum=0.7),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-warmup50": dict(COMBO, max_steps=650, warmup_steps=50),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-adam3.6e-3": dict(COMBO, max_steps=650, lr=3.6e-3),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-adam4.8e-3": dict(COMBO, max_steps=650, lr=4.8e-3),
+    "muon-650-mom0.9-lr0.01-wsd0.4-0-adam3.6e-3-warmup50": dict(COMBO, max_steps=650, lr=3.6e-3, warmup_steps=50),
 }
 # the knobs a variant's line names when they differ from SHIPPED's (issue 12's recipe)
 LEVER_DEFAULTS = {k: BASE.get(k, getattr(TrainConfig(), k)) for k in (
