@@ -316,6 +316,15 @@ def test_a_tokenizer_from_another_dataset_of_the_same_size_is_said_in_the_chat_a
     assert send == LOOKS_DISABLED
 
 
+def test_the_page_checks_the_shape_keys_guppy_chat_checks():
+    """chat.js keeps its own copy of guppy/onnx_chat.py's SHAPE (the page cannot import Python): the two stay equal."""
+    from guppy.onnx_chat import SHAPE
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "guppy", "web", "chat.js")) as f:
+        page_shape = re.search(r"^const SHAPE = (\[[^\]]*\]);", f.read(), re.M)
+    assert page_shape and json.loads(page_shape.group(1)) == list(SHAPE)
+
+
 def test_js_sha256_and_onnx_metadata_equal_python(page):
     """The page's own SHA-256 against hashlib (lengths around the 64-byte block and its 56-byte padding limit, bytes
     of every value, the export's tokenizer.json), and its protobuf reading of model.onnx's metadata against
